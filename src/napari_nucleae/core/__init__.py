@@ -1,0 +1,1 @@
+"""Headless core of napari-nucleae: no Qt, no napari imports."""
