@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .errors import ProjectError
+from .errors import InputError, ProjectError
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 2 * 1024 * 1024
@@ -53,14 +53,16 @@ class CropParams:
 
     def __post_init__(self) -> None:
         if not 8 <= self.size <= 1024:
-            raise ValueError(f"crop size must be between 8 and 1024 pixels, got {self.size}")
+            raise InputError(f"crop size must be between 8 and 1024 pixels, got {self.size}")
         if self.normalize not in ("image", "crop", "none"):
-            raise ValueError(f"normalize must be 'image', 'crop' or 'none', got {self.normalize!r}")
+            raise InputError(f"normalize must be 'image', 'crop' or 'none', got {self.normalize!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}")
+            raise InputError(f"storage_dtype must be one of {STORAGE_DTYPES}")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+            raise InputError(
+                f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> CropParams:

@@ -1,0 +1,276 @@
+"""Image files → segmentation → crops → project, one image at a time or many through Dask."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .crop import CropResult, crop_nuclei
+from .errors import InputError, NoNucleiError, NucleaeError
+from .segment import (
+    Progress,
+    Segmentation,
+    SegmentParams,
+    ShouldStop,
+    prepare_planes,
+    segment_planes,
+)
+from .store import CropParams, Project
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """Everything that turns one image into crops."""
+
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    crop: CropParams = field(default_factory=CropParams)
+    channel: int | None = None
+    channel_axis: int | None = None
+
+
+@dataclass
+class ImageResult:
+    """One processed image: its record for ``images.parquet``, labels and crops."""
+
+    record: dict
+    segmentation: Segmentation
+    crops: CropResult | None  # None when no nucleus was found
+
+    @property
+    def n_crops(self) -> int:
+        return 0 if self.crops is None else len(self.crops.crops)
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest run did, image by image."""
+
+    added: list[tuple[str, int]] = field(default_factory=list)  # (path, crops)
+    skipped: list[str] = field(default_factory=list)  # already in the project
+    empty: list[str] = field(default_factory=list)  # no nuclei found
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_crops(self) -> int:
+        return sum(n for _, n in self.added)
+
+
+# ---------------------------------------------------------------------------- files
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file (TIFF through tifffile, other formats through scikit-image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no image file at {path}")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        from skimage.io import imread
+
+        return imread(path)
+    except Exception as err:
+        raise InputError(f"could not read {path}: {err}") from err
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes (the id of an image file in a project)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def array_checksum(image: np.ndarray) -> str:
+    """SHA-1 of an array's shape, dtype and pixels (the id of an in-memory image)."""
+    image = np.ascontiguousarray(image)
+    digest = hashlib.sha1(f"{image.shape}{image.dtype}".encode())
+    digest.update(image.data)
+    return digest.hexdigest()[:16]
+
+
+def expand_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files, folders (searched recursively for images) and glob patterns → image paths."""
+    paths: list[Path] = []
+    for item in items:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            found = [item]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+            if not found:
+                raise InputError(f"{item} matches no file or folder")
+        paths.extend(p for p in found if not p.stem.endswith("_labels"))
+    return list(dict.fromkeys(paths))
+
+
+# ---------------------------------------------------------------------------- one image
+def process_image(
+    image: np.ndarray,
+    params: IngestParams,
+    *,
+    image_id: str,
+    path: str = "",
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> ImageResult:
+    """Segment and crop one image (2-D, a stack, or multichannel with a channel choice)."""
+    planes, is_stack = prepare_planes(image, params.channel, params.channel_axis)
+    seg = segment_planes(planes, params.segment, progress=progress, should_stop=should_stop)
+    if not is_stack:
+        planes, seg.labels = planes[0], seg.labels[0]
+    record = {
+        "image_id": image_id,
+        "path": path,
+        "shape": str(tuple(np.shape(image))),
+        "dtype": str(np.asarray(image).dtype),
+        "method": seg.method,
+        "n_nuclei": seg.n_nuclei,
+    }
+    try:
+        crops = crop_nuclei(planes, seg.labels, params.crop)
+    except NoNucleiError:
+        return ImageResult(record, seg, None)
+    crops.table.insert(0, "image_id", image_id)
+    crops.table.insert(1, "image_path", path)
+    return ImageResult(record, seg, crops)
+
+
+def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult:
+    """Read and process one image file (the unit of work sent to Dask workers)."""
+    return process_image(read_image(path), params, image_id=image_id, path=path)
+
+
+def add_to_project(project: Project, result: ImageResult) -> range:
+    """Append one processed image to the project (an image with no nuclei adds no crops)."""
+    if result.crops is None:
+        return project.append(
+            result.record, np.zeros((0, project.crop_size, project.crop_size)), pd.DataFrame()
+        )
+    return project.append(result.record, result.crops.crops, result.crops.table)
+
+
+# ---------------------------------------------------------------------------- many images
+def ingest(
+    paths: Iterable[str | os.PathLike],
+    project: Project,
+    params: IngestParams,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> IngestSummary:
+    """Process image files in parallel through Dask and append them to ``project``.
+
+    Images already in the project (same file checksum) are skipped, so re-runs are
+    idempotent. ``scheduler`` is a ``dask.distributed`` address; by default a local
+    in-process cluster is used. Only the calling process writes to the project.
+    """
+    from distributed import Client, LocalCluster, as_completed
+
+    summary = IngestSummary()
+    todo: list[tuple[str, str]] = []
+    known = set(project.images()["image_id"])
+    for path in map(str, paths):
+        image_id = file_checksum(path)
+        if image_id in known:
+            summary.skipped.append(path)
+        else:
+            known.add(image_id)
+            todo.append((path, image_id))
+    if not todo:
+        return summary
+    workers = workers or min(4, os.cpu_count() or 1)
+    cluster = (
+        None
+        if scheduler
+        else LocalCluster(
+            n_workers=1, threads_per_worker=workers, processes=False, dashboard_address=None
+        )
+    )
+    with Client(scheduler or cluster) as client:
+        pending = iter(todo)
+        running = as_completed()
+        futures: dict = {}
+
+        def submit_next() -> None:
+            item = next(pending, None)
+            if item is not None:
+                future = client.submit(process_file, item[0], params, item[1], pure=False)
+                futures[future] = item[0]
+                running.add(future)
+
+        for _ in range(2 * workers):
+            submit_next()
+        for done, future in enumerate(running, start=1):
+            path = futures.pop(future)
+            _collect(project, path, future, summary)
+            if progress is not None:
+                progress(done, len(todo), f"{Path(path).name}: {summary_line(summary)}")
+            if should_stop is not None and should_stop():
+                for other in futures:
+                    other.cancel()
+                summary.notes.append("cancelled: the remaining images were not processed")
+                break
+            submit_next()
+    if cluster is not None:
+        cluster.close()
+    return summary
+
+
+def _collect(project: Project, path: str, future, summary: IngestSummary) -> None:
+    """Write one finished image to the project and record the outcome."""
+    try:
+        result: ImageResult = future.result()
+    except NucleaeError as err:
+        summary.failed.append((path, str(err)))
+        return
+    if result.segmentation.note and result.segmentation.note not in summary.notes:
+        summary.notes.append(result.segmentation.note)
+    add_to_project(project, result)
+    if result.crops is None:
+        summary.empty.append(path)
+    else:
+        summary.added.append((path, result.n_crops))
+
+
+def summary_line(summary: IngestSummary) -> str:
+    """A one-line count of an ingest summary."""
+    return (
+        f"{len(summary.added)} images added ({summary.n_crops} crops), "
+        f"{len(summary.skipped)} already present, {len(summary.empty)} without nuclei, "
+        f"{len(summary.failed)} failed"
+    )
+
+
+def process_layer(
+    image: np.ndarray,
+    params: IngestParams,
+    *,
+    name: str,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> ImageResult:
+    """Process an in-memory image (a napari layer's data) and id it by its pixels."""
+    return process_image(
+        np.asarray(image),
+        params,
+        image_id=array_checksum(np.asarray(image)),
+        path=name,
+        progress=progress,
+        should_stop=should_stop,
+    )

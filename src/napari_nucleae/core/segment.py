@@ -1,0 +1,275 @@
+"""Nucleus segmentation: a small cellpose adapter (v3 and v4) and a classical fallback."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import gaussian, threshold_otsu
+from skimage.segmentation import relabel_sequential, watershed
+
+from .errors import InputError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "cellpose", "classical")
+MIN_SIDE = 8
+
+Progress = Callable[[int, int, str], None]
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Segmentation settings shared by the widget, the CLI and the API.
+
+    ``method="auto"`` uses cellpose and falls back to the classical pipeline (with a note in
+    the result) when cellpose or its weights are unavailable. ``model`` is a cellpose model
+    name (``"cpsam"`` on cellpose 4; ``"nuclei"``, ``"cyto3"`` … on cellpose 3), a path to a
+    custom model file, or ``"default"`` for the installed cellpose's nuclear default.
+    """
+
+    method: str = "auto"
+    model: str = "default"
+    diameter: float | None = None
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    gpu: bool | None = None
+    min_area: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.diameter is not None and self.diameter <= 0:
+            raise InputError(
+                f"diameter must be positive (or empty for automatic), got {self.diameter}"
+            )
+
+
+@dataclass
+class Segmentation:
+    """Labels for every plane (labels unique across planes) and how they were made."""
+
+    labels: np.ndarray
+    method: str
+    note: str = ""
+
+    @property
+    def n_nuclei(self) -> int:
+        return int(len(np.unique(self.labels)) - (self.labels == 0).any())
+
+
+# ---------------------------------------------------------------------------- input handling
+def prepare_planes(
+    image: np.ndarray, channel: int | None = None, channel_axis: int | None = None
+) -> tuple[np.ndarray, bool]:
+    """Validate an image; return grayscale planes ``(P, Y, X)`` and whether it is a stack.
+
+    Accepts 2-D ``(Y, X)`` and 3-D ``(T or Z, Y, X)`` images. Multichannel data needs a
+    ``channel``; the channel axis is ``channel_axis`` or, for RGB(A)-looking images, the last.
+    """
+    image = np.asarray(image)
+    if image.dtype == bool or not (
+        np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
+    ):
+        raise InputError(f"images must be numeric (integer or float), got dtype {image.dtype}")
+    if channel_axis is None and image.ndim >= 3 and image.shape[-1] in (3, 4):
+        channel_axis = -1
+    if channel_axis is not None:
+        n_channels = image.shape[channel_axis]
+        if channel is None:
+            raise InputError(
+                f"the image of shape {image.shape} has {n_channels} channels on axis "
+                f"{channel_axis} (RGB or multichannel): choose the nuclear channel "
+                f"(0–{n_channels - 1})"
+            )
+        if not 0 <= channel < n_channels:
+            raise InputError(
+                f"channel {channel} does not exist: the image has {n_channels} channels"
+            )
+        image = np.take(image, channel, axis=channel_axis)
+    is_stack = image.ndim == 3
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    if image.ndim != 3:
+        raise InputError(
+            f"expected a 2-D (Y, X) or 3-D (T/Z, Y, X) image, got shape {image.shape}; for "
+            "multichannel data choose a channel (and its axis)"
+        )
+    if min(image.shape[1:]) < MIN_SIDE:
+        raise InputError(f"the image is too small ({image.shape[1]}×{image.shape[2]} pixels)")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise InputError("the image contains NaN or infinite values; clean or fill them first")
+    if image.min() == image.max():
+        raise InputError(f"the image is empty: every pixel equals {image.flat[0]:g}")
+    return image, is_stack
+
+
+# ---------------------------------------------------------------------------- cellpose adapter
+def cellpose_version() -> int | None:
+    """Major version of the installed cellpose, or None when it is not installed."""
+    try:
+        return int(importlib.metadata.version("cellpose").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def default_model_name(major: int) -> str:
+    """The nuclear model of a cellpose major version."""
+    return "cpsam" if major >= 4 else "nuclei"
+
+
+def expected_weights_path(model: str) -> Path:
+    """Where cellpose looks for a named model's weights (or the custom path itself)."""
+    if os.path.sep in model or Path(model).suffix or Path(model).exists():
+        return Path(model).expanduser()
+    from cellpose import models
+
+    basename = f"{model}torch_0" if model in ("cyto", "cyto2", "nuclei") else model
+    return Path(models.MODEL_DIR) / basename
+
+
+_LOAD_FAILURES: dict[tuple[str, bool], tuple[WeightsUnavailableError, Path | None]] = {}
+
+
+def load_cellpose(model: str, gpu: bool):
+    """Load a cellpose model by name or path.
+
+    Models are cached per process; so are failures, until the missing weights file appears.
+    """
+    failure, weights = _LOAD_FAILURES.get((model, gpu), (None, None))
+    if failure is not None and not (weights is not None and weights.exists()):
+        raise failure
+    try:
+        return _load_cellpose(model, gpu)
+    except WeightsUnavailableError as err:
+        major = cellpose_version()
+        name = default_model_name(major) if model == "default" and major else model
+        _LOAD_FAILURES[model, gpu] = (err, expected_weights_path(name) if major else None)
+        raise
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cellpose(model: str, gpu: bool):
+    major = cellpose_version()
+    if major is None:
+        raise WeightsUnavailableError(
+            "cellpose is not installed; install it or use the classical method"
+        )
+    from cellpose import models
+
+    name = default_model_name(major) if model == "default" else model
+    weights = expected_weights_path(name)
+    is_path = weights == Path(name).expanduser()
+    if is_path and not weights.exists():
+        raise WeightsUnavailableError(f"no cellpose model file at {weights}")
+    try:
+        if major >= 4 or is_path:
+            return models.CellposeModel(gpu=gpu, pretrained_model=str(weights) if is_path else name)
+        return models.CellposeModel(gpu=gpu, model_type=name)
+    except Exception as err:  # cellpose raises many kinds when weights cannot be fetched
+        raise WeightsUnavailableError(
+            f"cellpose model '{name}' could not be loaded: its weights are looked for at "
+            f"{weights} and could not be downloaded ({type(err).__name__}: {err}). Copy the "
+            "file there, choose a custom model file, or use the classical (scikit-image) method."
+        ) from err
+
+
+def cellpose_plane(plane: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Segment one plane with cellpose; returns sequential labels."""
+    model = load_cellpose(params.model, _use_gpu(params))
+    kwargs = {
+        "diameter": params.diameter,
+        "flow_threshold": params.flow_threshold,
+        "cellprob_threshold": params.cellprob_threshold,
+    }
+    if cellpose_version() < 4:
+        kwargs["channels"] = [0, 0]
+    masks = model.eval(plane.astype(np.float32), **kwargs)[0]
+    return relabel_sequential(np.asarray(masks, dtype=np.int32))[0]
+
+
+# ---------------------------------------------------------------------------- classical fallback
+def classical_plane(plane: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Smoothing, Otsu threshold, distance-transform watershed and a size filter."""
+    diameter = params.diameter or 16.0
+    smoothed = gaussian(plane, sigma=max(1.0, diameter / 12))
+    if smoothed.min() == smoothed.max():
+        return np.zeros(plane.shape, dtype=np.int32)
+    mask = ndi.binary_fill_holes(smoothed > threshold_otsu(smoothed))
+    distance = gaussian(ndi.distance_transform_edt(mask), sigma=max(1.0, diameter / 16))
+    components, _ = ndi.label(mask)
+    peaks = peak_local_max(
+        distance, min_distance=max(2, int(diameter / 3)), labels=components, exclude_border=False
+    )
+    markers = np.zeros(plane.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-distance, markers, mask=mask)
+    min_area = params.min_area if params.min_area is not None else int(np.pi * (diameter / 4) ** 2)
+    labels[(np.bincount(labels.ravel()) < min_area)[labels]] = 0
+    return relabel_sequential(labels.astype(np.int32))[0]
+
+
+# ---------------------------------------------------------------------------- entry point
+def segment(
+    image: np.ndarray,
+    params: SegmentParams | None = None,
+    *,
+    channel: int | None = None,
+    channel_axis: int | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> Segmentation:
+    """Segment an image; labels have its spatial shape (``(Y, X)`` or ``(P, Y, X)``)."""
+    planes, is_stack = prepare_planes(image, channel, channel_axis)
+    seg = segment_planes(planes, params, progress=progress, should_stop=should_stop)
+    if not is_stack:
+        seg.labels = seg.labels[0]
+    return seg
+
+
+def segment_planes(
+    planes: np.ndarray,
+    params: SegmentParams | None = None,
+    *,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> Segmentation:
+    """Segment validated planes ``(P, Y, X)`` one by one; labels are unique across planes."""
+    params = params or SegmentParams()
+    method, note = params.method, ""
+    if method in ("auto", "cellpose"):
+        try:
+            load_cellpose(params.model, _use_gpu(params))
+            method = "cellpose"
+        except WeightsUnavailableError as err:
+            if params.method == "cellpose":
+                raise
+            method, note = "classical", f"cellpose unavailable, used the classical method: {err}"
+            log.warning(note)
+    run_plane = cellpose_plane if method == "cellpose" else classical_plane
+    labels = np.zeros(planes.shape, dtype=np.int32)
+    offset = 0
+    for i, plane in enumerate(planes):
+        if should_stop is not None and should_stop():
+            raise InterruptedError("segmentation cancelled")
+        plane_labels = run_plane(plane, params)
+        labels[i] = np.where(plane_labels > 0, plane_labels + offset, 0)
+        offset += int(plane_labels.max())
+        if progress is not None:
+            progress(i + 1, len(planes), f"segmented plane {i + 1}/{len(planes)}")
+    return Segmentation(labels, method, note)
+
+
+def _use_gpu(params: SegmentParams) -> bool:
+    import torch
+
+    return torch.cuda.is_available() if params.gpu is None else params.gpu

