@@ -97,7 +97,9 @@ def local_cellpose_model(tmp_path_factory):
 
 def test_cellpose_custom_model_loads_runs_and_is_cached(synthetic, local_cellpose_model):
     image, _ = synthetic
-    params = SegmentParams(method="cellpose", model=str(local_cellpose_model), diameter=17, gpu=False)
+    params = SegmentParams(
+        method="cellpose", model=str(local_cellpose_model), diameter=17, gpu=False
+    )
     result = segment(image, params)
     assert result.method == "cellpose"
     assert result.labels.shape == image.shape

@@ -72,6 +72,7 @@ def measure_plane(plane: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     lam2 = (mu_rr + mu_cc) / 2 - half_gap
     eccentricity = np.sqrt(np.clip(1 - lam2 / np.where(lam1 > 0, lam1, 1), 0, 1))
     orientation = 0.5 * np.arctan2(2 * mu_rc, mu_rr - mu_cc)
+    orientation[(mu_rr == mu_cc) & (mu_rc == 0)] = -np.pi / 4  # regionprops' isotropic case
 
     objects = ndi.find_objects(labels)
     bbox = np.array(

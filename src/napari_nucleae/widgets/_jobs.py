@@ -65,11 +65,13 @@ class JobRunner(QObject):
             progress=self.progressed.emit,
             should_stop=lambda: self._stop,
             _start_thread=False,
+            _connect={
+                "returned": on_returned,
+                "errored": on_errored or self.report_error,
+                "finished": self._on_finished,
+            },
             **kwargs,
         )
-        worker.returned.connect(on_returned)
-        worker.errored.connect(on_errored or self.report_error)
-        worker.finished.connect(self._on_finished)
         self.worker = worker
         worker.start()
         return worker

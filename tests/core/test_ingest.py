@@ -1,0 +1,55 @@
+import numpy as np
+import tifffile
+
+from napari_nucleae.core.ingest import IngestParams, expand_inputs, ingest, process_layer
+from napari_nucleae.core.segment import SegmentParams
+from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.sample import bbbc007_paths
+
+CLASSICAL = IngestParams(segment=SegmentParams(method="classical"), crop=CropParams(size=32))
+
+
+def test_ingest_real_images_is_idempotent_and_reports_failures(tmp_path):
+    paths = bbbc007_paths()[:3]
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a tiff")
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.zeros((64, 64), np.uint8))
+    project = Project.create(tmp_path / "p", CLASSICAL.crop)
+    seen = []
+    summary = ingest(
+        [*paths, broken, blank],
+        project,
+        CLASSICAL,
+        workers=2,
+        progress=lambda done, total, msg: seen.append((done, total)),
+    )
+    assert sorted(p for p, _ in summary.added) == sorted(map(str, paths))
+    assert {p for p, _ in summary.failed} == {str(broken), str(blank)}
+    assert len(project) == summary.n_crops > 200
+    assert seen[-1] == (5, 5)
+    table = project.table()
+    assert set(table["image_path"]) == set(map(str, paths))
+    assert (table.groupby("image_id").size().to_numpy() > 30).all()
+    again = ingest(paths, project, CLASSICAL)
+    assert again.skipped == list(map(str, paths)) and not again.added
+    assert len(Project.open(tmp_path / "p")) == summary.n_crops
+
+
+def test_expand_inputs_handles_folders_globs_and_skips_label_images(tmp_path):
+    folder = bbbc007_paths()[0].parent
+    found = expand_inputs([folder])
+    assert found and all(not p.stem.endswith("_labels") for p in found)
+    assert expand_inputs([str(folder / "*.tif")]) == found
+
+
+def test_process_layer_returns_labels_crops_and_ids(synthetic):
+    image, truth = synthetic
+    params = IngestParams(
+        segment=SegmentParams(method="classical", diameter=16), crop=CropParams(size=32)
+    )
+    result = process_layer(image, params, name="synthetic")
+    assert result.segmentation.labels.shape == image.shape
+    assert result.n_crops == truth.max()
+    assert result.record["image_id"] == process_layer(image, params, name="x").record["image_id"]
+    assert (result.crops.table["image_path"] == "synthetic").all()

@@ -1,0 +1,110 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_nucleae.core import store
+from napari_nucleae.core.errors import InputError, ProjectError
+from napari_nucleae.core.store import CropParams, Project
+
+
+def _batch(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    return rng.random((n, size, size), dtype=np.float32), pd.DataFrame(
+        {"label": np.arange(1, n + 1)}
+    )
+
+
+def test_append_and_reopen_round_trip(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    a, ta = _batch(5, seed=1)
+    b, tb = _batch(3, seed=2)
+    assert project.append({"image_id": "a"}, a, ta) == range(0, 5)
+    assert project.append({"image_id": "b"}, b, tb) == range(5, 8)
+    reopened = Project.open(tmp_path / "p")
+    assert len(reopened) == 8
+    np.testing.assert_allclose(reopened.read_crops(slice(None)), np.concatenate([a, b]), atol=1e-4)
+    np.testing.assert_allclose(
+        reopened.read_crops([6, 0, 3]), np.concatenate([a, b])[[6, 0, 3]], atol=1e-4
+    )
+    table = reopened.table()
+    assert table["crop_index"].tolist() == list(range(8))
+    assert table["label"].tolist() == [1, 2, 3, 4, 5, 1, 2, 3]
+    assert reopened.images()["image_id"].tolist() == ["a", "b"]
+    assert reopened.has_image("b") and not reopened.has_image("c")
+    assert reopened.meta.crop == CropParams(size=16)
+
+
+def test_storage_dtype_float32_is_exact(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16, storage_dtype="float32"))
+    crops, table = _batch(4)
+    project.append({"image_id": "a"}, crops, table)
+    np.testing.assert_array_equal(project.read_crops(slice(None)), crops)
+
+
+def test_chunks_hold_about_two_megabytes():
+    assert store.chunk_rows(64, "uint16") == 256
+    assert store.chunk_rows(256, "uint16") == 16
+    assert store.chunk_rows(256, "float32") == 8
+
+
+def test_interrupted_append_leaves_the_previous_state(tmp_path, monkeypatch):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    crops, table = _batch(5)
+    project.append({"image_id": "a"}, crops, table)
+    real_write = store.atomic_write_parquet
+
+    def fail_on_crop_table(path, df):
+        if path.parent.name == "crops.parquet":
+            raise OSError("disk full")
+        real_write(path, df)
+
+    monkeypatch.setattr(store, "atomic_write_parquet", fail_on_crop_table)
+    with pytest.raises(OSError, match="disk full"):
+        project.append({"image_id": "b"}, *_batch(7, seed=1))
+    monkeypatch.undo()
+    assert project.crops.shape[0] == 12  # the array grew before the failure...
+    reopened = Project.open(tmp_path / "p")
+    assert len(reopened) == 5 and len(reopened.table()) == 5  # ...and is trimmed on open
+    assert reopened.images()["image_id"].tolist() == ["a"]
+    assert not (tmp_path / "p" / ".write.lock").exists()
+    reopened.append({"image_id": "b"}, *_batch(2, seed=3))
+    assert len(Project.open(tmp_path / "p")) == 7
+
+
+def test_features_join_the_table(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    project.append({"image_id": "a"}, *_batch(4))
+    project.write_features(pd.DataFrame({"mse": [0.1, 0.2, 0.3, 0.4]}))
+    project.write_features(pd.DataFrame({"cluster": [1, 1, 2, 2]}))
+    table = Project.open(tmp_path / "p").table()
+    assert table["mse"].tolist() == [0.1, 0.2, 0.3, 0.4]
+    assert table["cluster"].tolist() == [1, 1, 2, 2]
+    with pytest.raises(ProjectError, match="3 feature rows for 4 crops"):
+        project.write_features(pd.DataFrame({"mse": [1.0, 2.0, 3.0]}))
+
+
+def test_misuse_gives_clear_errors(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    with pytest.raises(ProjectError, match="already contains a project"):
+        Project.create(tmp_path / "p")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    with pytest.raises(ProjectError, match="not empty"):
+        Project.create(tmp_path / "other")
+    with pytest.raises(ProjectError, match="not a napari-nucleae project"):
+        Project.open(tmp_path / "other")
+    with pytest.raises(ProjectError, match="settings differ"):
+        Project.open_or_create(tmp_path / "p", CropParams(size=32))
+    with pytest.raises(ProjectError, match="do not fit"):
+        project.append({"image_id": "x"}, np.zeros((2, 8, 8)), pd.DataFrame({"label": [1, 2]}))
+    with pytest.raises(InputError, match="crop size"):
+        CropParams(size=4)
+    (tmp_path / "p" / "project.json").write_text("{not json")
+    with pytest.raises(ProjectError, match="corrupted"):
+        Project.open(tmp_path / "p")
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    with project._lock(), pytest.raises(ProjectError, match="another process"):
+        project.append({"image_id": "a"}, *_batch(1))

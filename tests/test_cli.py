@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+
+from napari_nucleae.cli import main
+from napari_nucleae.core.store import Project
+from napari_nucleae.sample import bbbc007_paths
+
+
+def test_help_lists_the_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_nucleae.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("ingest", "demo"):
+        assert command in out
+
+
+def test_ingest_writes_a_project_and_prints_a_summary(tmp_path, capsys):
+    code = main(
+        [
+            "ingest",
+            str(bbbc007_paths()[0]),
+            "--project",
+            str(tmp_path / "p"),
+            "--method",
+            "classical",
+            "--crop-size",
+            "32",
+            "--workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "1 images added" in out
+    project = Project.open(tmp_path / "p")
+    assert project.crop_size == 32 and len(project) > 50
+
+
+def test_user_errors_exit_non_zero_without_traceback(tmp_path, capsys):
+    assert main(["ingest", str(tmp_path / "missing.tif"), "--project", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err
+    assert "matches no file" in err and "Traceback" not in err
+    assert (
+        main(
+            [
+                "ingest",
+                str(bbbc007_paths()[0]),
+                "--project",
+                str(tmp_path / "q"),
+                "--crop-size",
+                "4",
+            ]
+        )
+        == 1
+    )
+    assert "crop size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ingest", "--method", "nonsense"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,73 @@
+import numpy as np
+
+from napari_nucleae.core.store import Project
+from napari_nucleae.widgets.segment import SegmentWidget
+
+TIMEOUT = 60_000
+
+
+def _widget(make_napari_viewer, image, name="nuclei", **layer_kwargs):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name=name, **layer_kwargs)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.reset_choices()
+    return viewer, widget
+
+
+def test_segment_widget_adds_labels_with_features_and_saves_crops(
+    make_napari_viewer, qtbot, synthetic, tmp_path
+):
+    image, truth = synthetic
+    viewer, widget = _widget(make_napari_viewer, image)
+    widget.method.value = "classical"
+    widget.diameter.value = 16
+    widget.crop_size.value = 32
+    widget.project.value = tmp_path / "project"
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    labels = viewer.layers["nuclei nuclei"]
+    n = truth.max()
+    assert labels.data.max() == n
+    features = labels.features
+    assert features["label"].tolist() == list(range(1, n + 1))  # row i <-> label i + 1
+    assert features["area"].dtype == float
+    assert features["crop_index"].tolist() == list(range(n))
+    project = Project.open(tmp_path / "project")
+    assert len(project) == n and project.crop_size == 32
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    # a second run on the same image does not duplicate it in the project
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    assert len(Project.open(tmp_path / "project")) == n
+
+
+def test_rgb_layer_without_channel_shows_a_clear_error(make_napari_viewer, qtbot, synthetic):
+    image, _ = synthetic
+    rgb = np.stack([image, image, image], axis=-1)
+    viewer, widget = _widget(make_napari_viewer, rgb, rgb=True)
+    widget.method.value = "classical"
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "choose the nuclear channel" in widget.status.value, timeout=TIMEOUT)
+    assert len(viewer.layers) == 1
+    widget.channel.value = 0
+    widget.diameter.value = 16
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=TIMEOUT)
+    assert viewer.layers[1].data.shape == image.shape
+
+
+def test_missing_cellpose_weights_switch_to_the_fallback(
+    make_napari_viewer, qtbot, synthetic, tmp_path
+):
+    image, _ = synthetic
+    viewer, widget = _widget(make_napari_viewer, image)
+    widget.method.value = "cellpose"
+    widget.model.value = "custom file…"
+    widget.model_file.value = tmp_path / "missing-model"
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "switched the method" in widget.status.value, timeout=TIMEOUT)
+    assert "missing-model" in widget.status.value
+    assert widget.method.value == "classical"
