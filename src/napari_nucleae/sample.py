@@ -47,11 +47,10 @@ def synthetic_nuclei(
         attempts += 1
         r0, c0 = rng.integers(margin, np.array(shape) - margin)
         ry, rx = sorted(rng.uniform(*radius, size=2), reverse=True)
-        rr, cc = ellipse(r0, c0, ry, rx, shape=shape, rotation=rng.uniform(-np.pi / 2, np.pi / 2))
-        grown = np.zeros(shape, bool)
-        grown[rr, cc] = True
-        grown = gaussian(grown.astype(float), 2) > 0.01  # keep a gap to other nuclei
-        if labels[grown].any():
+        angle = rng.uniform(-np.pi / 2, np.pi / 2)
+        rr, cc = ellipse(r0, c0, ry, rx, shape=shape, rotation=angle)
+        gap_r, gap_c = ellipse(r0, c0, ry + 3, rx + 3, shape=shape, rotation=angle)
+        if labels[gap_r, gap_c].any():  # keep a gap to other nuclei
             continue
         placed += 1
         labels[rr, cc] = placed

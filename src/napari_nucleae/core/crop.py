@@ -131,7 +131,13 @@ def normalize_crops(crops: np.ndarray, masks: np.ndarray, params: CropParams) ->
 
 
 # ---------------------------------------------------------------------------- sampling
-def sample_windows(
+def gather_windows(padded: np.ndarray, corners: np.ndarray, size: int) -> np.ndarray:
+    """Copy ``size``×``size`` windows whose top-left corners (in ``padded``) are given."""
+    views = np.lib.stride_tricks.sliding_window_view(padded, (size, size))
+    return views[corners[:, 0], corners[:, 1]]
+
+
+def sample_rotated(
     plane: np.ndarray,
     labels: np.ndarray,
     centres: np.ndarray,
@@ -139,21 +145,10 @@ def sample_windows(
     scales: np.ndarray,
     size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``size``×``size`` windows of the plane and labels around each centre.
-
-    Window axes are rotated by ``angles`` (radians, crop columns along the angle) and
-    stretched by ``scales`` (image pixels per crop pixel). Outside the image reads as 0.
-    """
+    """Sample windows rotated by ``angles`` (crop columns along the angle) and stretched by
+    ``scales`` (image pixels per crop pixel) in one ``map_coordinates`` call each for the
+    image (linear) and the labels (nearest). Outside the image reads as 0."""
     offsets = np.arange(size, dtype=np.float64) - size // 2
-    if not angles.any() and (scales == 1).all():
-        pad = size
-        padded_img = np.pad(plane, pad)
-        padded_lab = np.pad(labels, pad)
-        rr = np.rint(centres[:, 0]).astype(np.int64)[:, None] + offsets.astype(np.int64) + pad
-        cc = np.rint(centres[:, 1]).astype(np.int64)[:, None] + offsets.astype(np.int64) + pad
-        return padded_img[rr[:, :, None], cc[:, None, :]], padded_lab[
-            rr[:, :, None], cc[:, None, :]
-        ]
     u, v = np.meshgrid(offsets, offsets, indexing="ij")  # crop rows, crop columns
     cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
     s = scales[:, None, None]
@@ -169,41 +164,57 @@ def sample_windows(
 def crop_plane(
     plane: np.ndarray, labels: np.ndarray, measurements: pd.DataFrame, params: CropParams
 ) -> np.ndarray:
-    """Crops for the measured nuclei of one plane, in batches to bound memory."""
+    """Crops for the measured nuclei of one plane.
+
+    Unrotated, unscaled nuclei are copied out of a once-padded plane; the others are
+    resampled. Both go in batches to bound memory.
+    """
     size = params.size
     norm = normalize_plane(plane, params)
     centres = measurements[["centroid_y", "centroid_x"]].to_numpy(np.float64)
-    angles = (
-        measurements["orientation"].to_numpy(np.float64)
-        if params.align
-        else np.zeros(len(measurements))
-    )
+    n = len(measurements)
+    angles = measurements["orientation"].to_numpy(np.float64) if params.align else np.zeros(n)
+    scales = np.ones(n)
     if params.rescale_large:
-        extent = (
-            measurements["major_axis_length"].to_numpy(np.float64)
-            if params.align
-            else np.maximum(
+        if params.align:
+            extent = measurements["major_axis_length"].to_numpy(np.float64)
+        else:
+            extent = np.maximum(
                 measurements["bbox_y1"] - measurements["bbox_y0"],
                 measurements["bbox_x1"] - measurements["bbox_x0"],
             ).to_numpy(np.float64)
-        )
         scales = np.maximum(extent / (FILL * size), 1.0)
-    else:
-        scales = np.ones(len(measurements))
     ids = measurements["label"].to_numpy()
-    out = np.empty((len(measurements), size, size), dtype=np.float32)
-    for start in range(0, len(measurements), BATCH):
-        part = slice(start, start + BATCH)
-        windows, window_labels = sample_windows(
+    simple = np.flatnonzero((angles == 0) & (scales == 1))
+    resampled = np.flatnonzero((angles != 0) | (scales != 1))
+    out = np.empty((n, size, size), dtype=np.float32)
+    if len(simple):
+        padded_img, padded_lab = np.pad(norm, size), np.pad(labels, size)
+        corners = np.rint(centres[simple]).astype(np.int64) - size // 2 + size
+        for start in range(0, len(simple), BATCH):
+            part = simple[start : start + BATCH]
+            rows = corners[start : start + BATCH]
+            windows = gather_windows(padded_img, rows, size)
+            out[part] = _finish(windows, gather_windows(padded_lab, rows, size), ids[part], params)
+    for start in range(0, len(resampled), BATCH):
+        part = resampled[start : start + BATCH]
+        windows, window_labels = sample_rotated(
             norm, labels, centres[part], angles[part], scales[part], size
         )
-        masks = window_labels == ids[part, None, None]
-        if params.normalize == "crop":
-            windows = normalize_crops(windows, masks, params)
-        if params.mask_background:
-            windows = np.where(masks, windows, 0.0)
-        out[part] = np.clip(windows, 0.0, 1.0)
+        out[part] = _finish(windows, window_labels, ids[part], params)
     return out
+
+
+def _finish(
+    windows: np.ndarray, window_labels: np.ndarray, ids: np.ndarray, params: CropParams
+) -> np.ndarray:
+    """Per-crop normalisation, background masking and clipping to [0, 1]."""
+    masks = window_labels == ids[:, None, None]
+    if params.normalize == "crop":
+        windows = normalize_crops(windows, masks, params)
+    if params.mask_background:
+        windows = np.where(masks, windows, 0.0)
+    return np.clip(windows, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- entry point
