@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=2048)
     parser.add_argument("--nuclei", type=int, default=2000)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/crop.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "crop.json")
     args = parser.parse_args()
     image, labels = synthetic_nuclei((args.side, args.side), args.nuclei, radius=(5, 9), seed=0)
     params = CropParams(size=args.size)
