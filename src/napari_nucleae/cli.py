@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .core.errors import NucleaeError
@@ -159,13 +160,134 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- train / embed
+def add_model_options(parser: argparse.ArgumentParser, epochs: int, latent_dim: int) -> None:
+    """Autoencoder options shared by ``train`` and ``demo``."""
+    from .core.model import VARIANTS
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="ae",
+        help="ae (reference), vae, denoising, or pca (linear baseline)",
+    )
+    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument(
+        "--latent-dim",
+        type=int,
+        default=latent_dim,
+        help="latent size (the reference study used 512)",
+    )
+    group.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="encoder blocks (default: 4, fewer for small crops)",
+    )
+    group.add_argument("--filters", type=int, default=16, help="filters of the first block")
+    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
+    group.add_argument("--name", default="default", help="model name inside the project")
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of source images held out for validation",
+    )
+
+
+def model_config(args: argparse.Namespace, crop_size: int):
+    """A model configuration from parsed arguments and the project's crop size."""
+    from .core.model import ModelConfig
+
+    blocks = args.blocks or max(1, min(4, int(np.log2(crop_size)) - 2))
+    return ModelConfig(
+        variant=args.variant,
+        crop_size=crop_size,
+        n_blocks=blocks,
+        base_filters=args.filters,
+        latent_dim=args.latent_dim,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+
+
+def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
+    """Train a model on the project with a progress bar and per-epoch losses."""
+    from .core.train import train
+
+    config = None if resume else model_config(args, project.crop_size)
+    bar = ProgressBar("train")
+
+    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
+        bar.bar.write(f"epoch {epoch}: train loss {train_loss:.5f}, validation loss {val_loss:.5f}")
+
+    try:
+        result = train(
+            project,
+            config,
+            args.epochs,
+            name=args.name,
+            device=None if args.device == "auto" else args.device,
+            resume=resume,
+            val_fraction=args.val_fraction,
+            progress=bar,
+            on_epoch=on_epoch,
+        )
+    finally:
+        bar.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    print(
+        f"model '{result.name}' trained on {result.device} for {len(result.history)} epochs "
+        f"(validation split by {result.split}); best checkpoint: {result.best}"
+    )
+    return result
+
+
+def run_embed(project: Project, model: str | None, args: argparse.Namespace):
+    """Encode every crop of the project and print a summary."""
+    from .core.embed import embed
+
+    bar = ProgressBar("embed")
+    try:
+        result = embed(
+            project,
+            model,
+            batch_size=getattr(args, "embed_batch_size", None),
+            device=None if args.device == "auto" else args.device,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    print(
+        f"embedded {result.n_crops} crops into {result.latent_dim}-D latents ({result.path}); "
+        f"reconstruction MSE median {np.median(result.mse):.5f}"
+    )
+    return result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_train(Project.open(args.project), args, resume=args.resume)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    run_embed(Project.open(args.project), args.model, args)
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .sample import BBBC007_CITATION, bbbc007_paths
 
     out: Path = args.out
     print(f"napari-nucleae demo on the built-in sample ({BBBC007_CITATION})")
-    run_ingest(bbbc007_paths(), out / "project", args)
+    project = run_ingest(bbbc007_paths(), out / "project", args)
+    run_train(project, args)
+    run_embed(project, args.name, args)
     return 0
 
 
@@ -189,9 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="local worker threads")
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser("train", help="train an autoencoder (or PCA baseline) on a project's crops")
+    p.add_argument("--project", type=Path, required=True)
+    add_model_options(p, epochs=30, latent_dim=512)
+    p.add_argument("--resume", action="store_true", help="continue the named model's training")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("embed", help="latents and reconstruction MSE for every crop")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name in the project or a checkpoint path (default: active model)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", dest="embed_batch_size", type=int, default=None)
+    p.set_defaults(func=cmd_embed)
+
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in sample images")
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")
     add_ingest_options(p)
+    add_model_options(p, epochs=15, latent_dim=32)
     p.set_defaults(func=cmd_demo)
     return parser
 

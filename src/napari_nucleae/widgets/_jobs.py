@@ -29,6 +29,7 @@ class JobRunner(QObject):
     """
 
     progressed = Signal(int, int, str)
+    epoch_ended = Signal(int, float, float)  # for training jobs: epoch, train and val loss
 
     def __init__(self, bar: QProgressBar, parent: QObject | None = None):
         super().__init__(parent)

@@ -1,0 +1,60 @@
+import numpy as np
+
+from napari_nucleae.core.store import Project
+from napari_nucleae.widgets.segment import SegmentWidget
+from napari_nucleae.widgets.train import TrainWidget
+
+TIMEOUT = 120_000
+
+
+def test_train_then_embed_updates_plot_project_and_labels_features(
+    make_napari_viewer, qtbot, synthetic, tmp_path
+):
+    image, truth = synthetic
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment)
+    segment.reset_choices()
+    segment.method.value = "classical"
+    segment.diameter.value = 16
+    segment.crop_size.value = 32
+    segment.project.value = tmp_path / "project"
+    segment.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.project.value = tmp_path / "project"
+    widget.epochs.value = 2
+    widget.latent_dim.value = 8
+    widget.blocks.value = 2
+    widget.filters.value = 4
+    widget.batch_size.value = 8
+    widget.start_button.clicked.emit()
+    qtbot.waitUntil(lambda: "finished" in widget.status.value, timeout=TIMEOUT)
+    assert widget.plot.epochs == [1, 2] and len(widget.plot.val) == 2
+    assert Project.open(tmp_path / "project").meta.active_model == "default"
+
+    widget.embed_button.clicked.emit()
+    qtbot.waitUntil(lambda: "embedded" in widget.status.value, timeout=TIMEOUT)
+    project = Project.open(tmp_path / "project")
+    mse = project.table()["mse"].to_numpy()
+    assert len(mse) == truth.max() and (mse > 0).all()
+    features = viewer.layers["nuclei nuclei"].features
+    np.testing.assert_allclose(features["mse"].to_numpy(), mse, rtol=1e-6)
+
+
+def test_bad_checkpoint_is_reported_not_raised(make_napari_viewer, qtbot, tmp_path):
+    from napari_nucleae.core.store import CropParams
+
+    Project.create(tmp_path / "project", CropParams(size=32))
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)
+    widget.project.value = tmp_path / "project"
+    widget.checkpoint.value = bad
+    widget.load_button.clicked.emit()
+    assert widget.loaded_model is None
+    assert "garbage.pt" in widget.status.value
