@@ -1,0 +1,211 @@
+"""Latents → 2-D projections (UMAP, t-SNE, PCA) and cluster labels.
+
+Cosine metric: rows are L2-normalised first; on unit vectors the Euclidean distance
+``sqrt(2 - 2 cos)`` is a monotone function of the cosine distance, so neighbourhoods are the
+same and the PCA pre-reduction stays valid.
+
+Large N (UMAP): above ``max_fit`` rows UMAP is fitted on a seeded random subsample of
+``max_fit`` rows and every other row is placed with ``UMAP.transform`` in chunks. This bounds
+the nearest-neighbour graph and optimisation to the subsample (memory and time grow linearly
+in N afterwards); the placed points do not move the fitted ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+from .explore import check_metric, l2_normalize
+
+Progress = Callable[[int, int, str], None]
+ProjectionMethod = Literal["umap", "tsne", "pca"]
+PREFIXES = {"umap": "UMAP", "tsne": "TSNE", "pca": "PC"}
+MINIBATCH_ABOVE = 50_000
+TRANSFORM_CHUNK = 50_000
+
+
+def projection_columns(
+    method: ProjectionMethod, components: tuple[int, int] = (0, 1)
+) -> tuple[str, str]:
+    """Feature-table column names: ``UMAP_0, UMAP_1`` / ``TSNE_0, TSNE_1`` / ``PC_i, PC_j``."""
+    if method not in PREFIXES:
+        raise InputError(f"projection method must be one of {tuple(PREFIXES)}, got {method!r}")
+    i, j = components if method == "pca" else (0, 1)
+    return f"{PREFIXES[method]}_{i}", f"{PREFIXES[method]}_{j}"
+
+
+def project_latents(
+    latents: np.ndarray,
+    method: ProjectionMethod = "umap",
+    *,
+    metric: str = "euclidean",
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    perplexity: float = 30.0,
+    components: tuple[int, int] = (0, 1),
+    pca_first: int | None = 50,
+    seed: int = 0,
+    max_fit: int = 200_000,
+    n_jobs: int = 1,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """2-D coordinates ``(N, 2)`` float32 of the latents.
+
+    ``pca``: the ``components`` pair of principal components. ``umap`` / ``tsne``: when
+    D > ``pca_first`` and N > ``pca_first`` the latents are first reduced to ``pca_first``
+    principal components (``None`` disables this). Seeded, hence deterministic for a given
+    input. t-SNE uses openTSNE with ``n_jobs`` threads (results are reproducible for a fixed
+    thread count), or scikit-learn when openTSNE is not installed; its perplexity is capped
+    at (N - 1) / 3. UMAP runs single-threaded: seeding it disables its parallelism.
+    """
+    projection_columns(method, components)
+    check_metric(metric)
+    x = _as_matrix(latents, minimum=4 if method != "pca" else 2)
+    if method == "umap" and max_fit < 4:
+        raise InputError(f"max_fit must be at least 4, got {max_fit}")
+    report = progress or (lambda done, total, message: None)
+    if metric == "cosine":
+        x = l2_normalize(x)
+    if method == "pca":
+        report(0, 1, "PCA")
+        out = _pca(x, components, seed)
+    else:
+        if pca_first and x.shape[1] > pca_first and len(x) > pca_first:
+            report(0, 2, f"PCA to {pca_first} dimensions")
+            x = _pca(x, tuple(range(pca_first)), seed)
+        report(1, 2, method.upper())
+        if method == "umap":
+            out = _umap(x, n_neighbors, min_dist, seed, max_fit, report)
+        else:
+            out = _tsne(x, perplexity, seed, n_jobs)
+    report(1, 1, "done")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _as_matrix(latents: np.ndarray, minimum: int) -> np.ndarray:
+    x = np.asarray(latents)
+    if x.ndim != 2:
+        raise InputError(f"latents must be a 2-D (N, D) array, got shape {x.shape}")
+    if len(x) < minimum:
+        raise InputError(f"at least {minimum} latents are needed, got {len(x)}")
+    if not np.isfinite(x).all():
+        raise InputError("latents contain NaN or infinite values")
+    return x.astype(np.float32, copy=False)
+
+
+def _pca(x: np.ndarray, components: Sequence[int], seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    n_components = max(components) + 1
+    if min(components) < 0 or n_components > min(x.shape):
+        raise InputError(
+            f"principal components {tuple(components)} need 0 <= component < {min(x.shape)}"
+        )
+    scores = PCA(n_components=n_components, random_state=seed).fit_transform(x)
+    return scores[:, list(components)]
+
+
+def _umap(
+    x: np.ndarray,
+    n_neighbors: int,
+    min_dist: float,
+    seed: int,
+    max_fit: int,
+    report: Progress,
+) -> np.ndarray:
+    import umap
+
+    model = umap.UMAP(
+        n_neighbors=max(2, min(n_neighbors, min(len(x), max_fit) - 1)),
+        min_dist=min_dist,
+        n_components=2,
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs.*")
+        if len(x) <= max_fit:
+            return model.fit_transform(x)
+        fit = np.sort(np.random.default_rng(seed).choice(len(x), max_fit, replace=False))
+        rest = np.setdiff1d(np.arange(len(x)), fit)
+        out = np.empty((len(x), 2), dtype=np.float32)
+        out[fit] = model.fit_transform(x[fit])
+        for done in range(0, len(rest), TRANSFORM_CHUNK):
+            report(done, len(rest), "placing the remaining points")
+            chunk = rest[done : done + TRANSFORM_CHUNK]
+            out[chunk] = model.transform(x[chunk])
+    return out
+
+
+def _tsne(x: np.ndarray, perplexity: float, seed: int, n_jobs: int) -> np.ndarray:
+    perplexity = min(perplexity, (len(x) - 1) / 3)
+    try:
+        from openTSNE import TSNE
+    except ImportError:
+        from sklearn.manifold import TSNE as SkTSNE
+        from threadpoolctl import threadpool_limits
+
+        model = SkTSNE(perplexity=perplexity, random_state=seed, init="pca", n_jobs=n_jobs)
+        with threadpool_limits(limits=n_jobs if n_jobs > 0 else None, user_api="openmp"):
+            return model.fit_transform(x)
+    return np.asarray(TSNE(perplexity=perplexity, random_state=seed, n_jobs=n_jobs).fit(x))
+
+
+def cluster_latents(
+    latents: np.ndarray,
+    method: Literal["kmeans", "hdbscan"] = "kmeans",
+    *,
+    n_clusters: int = 8,
+    min_cluster_size: int = 15,
+    metric: str = "euclidean",
+    seed: int = 0,
+) -> np.ndarray:
+    """Integer cluster labels ``(N,)``; HDBSCAN marks noise as -1.
+
+    k-means (MiniBatchKMeans above 50 000 rows) or scikit-learn's HDBSCAN. HDBSCAN costs
+    roughly O(N^2) in high dimensions: for large N cluster the 2-D projection instead.
+    """
+    check_metric(metric)
+    x = _as_matrix(latents, minimum=2)
+    if metric == "cosine":
+        x = l2_normalize(x)
+    if method == "kmeans":
+        from sklearn.cluster import KMeans, MiniBatchKMeans
+
+        if not 1 <= n_clusters <= len(x):
+            raise InputError(f"n_clusters must be between 1 and {len(x)}, got {n_clusters}")
+        model = (
+            MiniBatchKMeans(n_clusters, random_state=seed, batch_size=4096, n_init="auto")
+            if len(x) > MINIBATCH_ABOVE
+            else KMeans(n_clusters, random_state=seed, n_init="auto")
+        )
+        return model.fit_predict(x).astype(np.int64)
+    if method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        if min_cluster_size < 2:
+            raise InputError(f"min_cluster_size must be at least 2, got {min_cluster_size}")
+        model = HDBSCAN(min_cluster_size=min(min_cluster_size, len(x)), copy=True)
+        return model.fit_predict(x).astype(np.int64)
+    raise InputError(f"clustering method must be 'kmeans' or 'hdbscan', got {method!r}")
+
+
+def as_feature_columns(
+    projection: np.ndarray | None = None,
+    method: ProjectionMethod = "umap",
+    components: tuple[int, int] = (0, 1),
+    clusters: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Feature-table columns: float projection columns and a categorical ``cluster``."""
+    columns: dict[str, object] = {}
+    if projection is not None:
+        projection = np.asarray(projection, dtype=np.float64)
+        for name, values in zip(projection_columns(method, components), projection.T, strict=True):
+            columns[name] = values
+    if clusters is not None:
+        columns["cluster"] = pd.Categorical(np.asarray(clusters))
+    return pd.DataFrame(columns)
