@@ -279,6 +279,107 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- analysis
+def cmd_project(args: argparse.Namespace) -> int:
+    from .core import analysis
+
+    project = Project.open(args.project)
+    bar = ProgressBar("project")
+    try:
+        columns = analysis.compute_projection(
+            project,
+            args.method,
+            metric=args.metric,
+            components=tuple(args.components),
+            model=args.model,
+            seed=args.seed,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    print(
+        f"{args.method} projection of {len(columns)} crops stored as {', '.join(columns.columns)}"
+    )
+    if args.clusters:
+        clusters = analysis.compute_clusters(
+            project,
+            args.cluster_method,
+            n_clusters=args.clusters,
+            metric=args.metric,
+            model=args.model,
+            seed=args.seed,
+        )
+        counts = clusters.value_counts().sort_index()
+        print("clusters: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_outliers(args: argparse.Namespace) -> int:
+    from .core import analysis
+
+    project = Project.open(args.project)
+    flags = analysis.flag_outliers(project, args.low, args.high)
+    table = project.table()
+    for tail, ascending in (("high", False), ("low", True)):
+        rows = table[np.asarray(flags == tail)].sort_values("mse", ascending=ascending)
+        print(f"{tail} MSE ({len(rows)} crops):")
+        columns = [c for c in ("crop_index", "mse", "image_path", "label") if c in rows]
+        print(rows[columns].head(args.show).to_string(index=False))
+    return 0
+
+
+def cmd_represent(args: argparse.Namespace) -> int:
+    from .core import analysis
+
+    project = Project.open(args.project)
+    found = analysis.find_representatives(
+        project,
+        centers=args.center,
+        metrics=args.metric,
+        k=args.top,
+        by=args.by,
+        model=args.model,
+        stability=args.stability,
+        pixel_baseline=False,
+    )
+    print(found.latent.table.to_string(index=False))
+    if args.export:
+        files = analysis.export(project, found.latent, args.export, overwrite=args.overwrite)
+        print(f"exported {len(files)} files to {args.export}")
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from .core import analysis
+
+    project = Project.open(args.project)
+    strip = analysis.interpolate_crops(project, args.a, args.b, args.steps, args.model)
+    save_strip(strip, args.out)
+    print(f"interpolation of {args.steps} steps from crop {args.a} to {args.b}: {args.out}")
+    return 0
+
+
+def save_strip(images: np.ndarray, out: Path) -> None:
+    """Save images side by side as a PNG (refusing to overwrite an existing file)."""
+    from matplotlib.image import imsave
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    imsave(out, np.concatenate(list(images), axis=1), cmap="gray", vmin=0, vmax=1)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .core import analysis
+    from .core.ingest import read_image
+
+    project = Project.open(args.project)
+    query = int(args.query) if args.query.isdigit() else read_image(args.query)
+    found = analysis.search_similar(project, query, k=args.k, metric=args.metric, model=args.model)
+    print(found.to_string(index=False))
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from .sample import BBBC007_CITATION, bbbc007_paths
@@ -292,6 +393,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def add_common_analysis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model name (default: the active model)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nucleae",
@@ -327,6 +433,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", dest="embed_batch_size", type=int, default=None)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("project", help="2-D projection (and clusters) of the latents")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument("--method", choices=("umap", "tsne", "pca"), default="umap")
+    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument(
+        "--components",
+        type=int,
+        nargs=2,
+        default=(0, 1),
+        metavar=("I", "J"),
+        help="PCA: the pair of principal components to show",
+    )
+    p.add_argument("--clusters", type=int, default=0, help="also cluster into this many groups")
+    p.add_argument("--cluster-method", choices=("kmeans", "hdbscan"), default="kmeans")
+    add_common_analysis(p)
+    p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("outliers", help="flag and list the reconstruction-MSE tails")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument("--low", type=float, default=1.0, help="lowest-MSE percentage to flag")
+    p.add_argument("--high", type=float, default=1.0, help="highest-MSE percentage to flag")
+    p.add_argument("--show", type=int, default=10, help="rows to print per tail")
+    p.set_defaults(func=cmd_outliers)
+
+    p = sub.add_parser("represent", help="representative nuclei: decoded centres and nearest crops")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument(
+        "--center", nargs="+", choices=("mean", "median", "geomedian"), default=["geomedian"]
+    )
+    p.add_argument("--metric", nargs="+", choices=("euclidean", "cosine"), default=["euclidean"])
+    p.add_argument(
+        "--by",
+        default=None,
+        help="a table column to group by (e.g. cluster); default: all crops together",
+    )
+    p.add_argument("--top", type=int, default=5, help="representatives per centre and metric")
+    p.add_argument("--stability", action="store_true", help="bootstrap stability of each choice")
+    p.add_argument("--export", type=Path, default=None, help="folder for TIFF/PNG + CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace files in --export")
+    add_common_analysis(p)
+    p.set_defaults(func=cmd_represent)
+
+    p = sub.add_parser("interpolate", help="decode the latent path between two crops")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument("a", type=int, help="first crop index")
+    p.add_argument("b", type=int, help="second crop index")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", type=Path, default=Path("interpolation.png"))
+    add_common_analysis(p)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("search", help="the crops most similar to a crop index or an image file")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument("query", help="a crop index of the project, or a crop image file")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    add_common_analysis(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in sample images")
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")

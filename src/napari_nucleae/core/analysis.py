@@ -1,0 +1,226 @@
+"""Project-level analysis: read latents and tables from a project, run the pure algorithms of
+``project``, ``represent`` and ``explore``, and store the per-crop results as features.
+
+This is the one layer the CLI, the report and the dock widgets call, so they stay thin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .embed import read_latents, resolve_model
+from .errors import InputError
+from .explore import interpolation_strip, nearest, outlier_flags
+from .model import LoadedModel
+from .project import as_feature_columns, cluster_latents, project_latents
+from .represent import (
+    CENTERS,
+    RepresentativeSet,
+    export_representatives,
+    pixel_representatives,
+    representatives,
+)
+from .segment import Progress
+from .store import Project
+
+PROVENANCE = [
+    "crop_index",
+    "image_id",
+    "image_path",
+    "plane",
+    "label",
+    "centroid_y",
+    "centroid_x",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_y1",
+    "bbox_x1",
+    "area",
+]
+
+
+@dataclass
+class Representatives:
+    """Latent-space representatives and, for comparison, the pixel-space baseline."""
+
+    latent: RepresentativeSet
+    pixel: RepresentativeSet | None
+    model: str
+    by: str | None
+
+
+def latents_of(project: Project, model: str | None = None) -> np.ndarray:
+    """The model's latents ``(N, D)`` as float32 (the active model by default)."""
+    return np.asarray(read_latents(project, model), dtype=np.float32)
+
+
+def compute_projection(
+    project: Project,
+    method: str = "umap",
+    *,
+    metric: str = "euclidean",
+    components: tuple[int, int] = (0, 1),
+    model: str | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    **options,
+) -> pd.DataFrame:
+    """Project the latents to 2-D and store the two columns as project features."""
+    coords = project_latents(
+        latents_of(project, model),
+        method,
+        metric=metric,
+        components=components,
+        seed=seed,
+        progress=progress,
+        **options,
+    )
+    columns = as_feature_columns(coords, method, components)
+    project.write_features(columns)
+    return columns
+
+
+def compute_clusters(
+    project: Project,
+    method: str = "kmeans",
+    *,
+    n_clusters: int = 8,
+    metric: str = "euclidean",
+    model: str | None = None,
+    seed: int = 0,
+) -> pd.Categorical:
+    """Cluster the latents and store a categorical ``cluster`` feature."""
+    labels = cluster_latents(
+        latents_of(project, model), method, n_clusters=n_clusters, metric=metric, seed=seed
+    )
+    columns = as_feature_columns(clusters=labels)
+    project.write_features(columns)
+    return columns["cluster"]
+
+
+def flag_outliers(project: Project, low_pct: float = 1.0, high_pct: float = 1.0) -> pd.Categorical:
+    """Flag the lowest/highest reconstruction-MSE crops and store the ``outlier`` feature."""
+    table = project.table()
+    if "mse" not in table:
+        raise InputError("no reconstruction MSE yet: embed the crops with a model first")
+    flags = outlier_flags(table["mse"].to_numpy(), low_pct, high_pct)
+    project.write_features(pd.DataFrame({"outlier": flags}))
+    return flags
+
+
+def group_column(project: Project, by: str | None) -> np.ndarray | None:
+    """The values of a grouping column (e.g. ``cluster`` or a user label), or None."""
+    if by is None:
+        return None
+    table = project.table()
+    if by not in table:
+        raise InputError(
+            f"no column {by!r} in the project table; available: {', '.join(table.columns)}"
+        )
+    return table[by].to_numpy()
+
+
+def find_representatives(
+    project: Project,
+    *,
+    centers: Sequence[str] = CENTERS,
+    metrics: Sequence[str] = ("euclidean", "cosine"),
+    k: int = 5,
+    by: str | None = None,
+    model: str | LoadedModel | None = None,
+    stability: bool = False,
+    pixel_baseline: bool = True,
+    seed: int = 0,
+) -> Representatives:
+    """Theoretical (decoded centres) and practical (nearest real crops) representatives,
+    globally or per group of ``by``, plus the pixel-space baseline."""
+    loaded = resolve_model(project, model, None)
+    groups = group_column(project, by)
+    latent = representatives(
+        latents_of(project, loaded.name),
+        centers=centers,
+        metrics=metrics,
+        k=k,
+        groups=groups,
+        decode=loaded.decode,
+        stability=stability,
+        seed=seed,
+    )
+    pixel = None
+    if pixel_baseline:
+        pixel = pixel_representatives(
+            project.read_crops,
+            n_crops=len(project),
+            centers=centers,
+            metrics=metrics,
+            k=k,
+            groups=groups,
+            seed=seed,
+        )
+    return Representatives(latent, pixel, loaded.name, by)
+
+
+def export(
+    project: Project, chosen: RepresentativeSet, out_dir: str | Path, *, overwrite: bool = False
+) -> list[Path]:
+    """Write the chosen crops (TIFF + PNG), a montage and a CSV with provenance."""
+    table = project.table()
+    provenance = table[[c for c in PROVENANCE if c in table]]
+    return export_representatives(
+        chosen.table,
+        project.read_crops,
+        provenance,
+        out_dir,
+        overwrite=overwrite,
+        theoretical=chosen.theoretical,
+    )
+
+
+def interpolate_crops(
+    project: Project, a: int, b: int, steps: int = 6, model: str | None = None
+) -> np.ndarray:
+    """Decoded images along the straight latent path from crop ``a`` to crop ``b``."""
+    loaded = resolve_model(project, model, None)
+    latents = read_latents(project, loaded.name)
+    _check_index(project, a, b)
+    return interpolation_strip(np.asarray(latents[a]), np.asarray(latents[b]), loaded.decode, steps)
+
+
+def search_similar(
+    project: Project,
+    query: int | np.ndarray,
+    *,
+    k: int = 10,
+    metric: str = "euclidean",
+    model: str | None = None,
+) -> pd.DataFrame:
+    """The ``k`` crops nearest to a crop of the project (by index) or to a new crop image."""
+    loaded = resolve_model(project, model, None)
+    latents = read_latents(project, loaded.name)
+    exclude = None
+    if isinstance(query, int | np.integer):
+        _check_index(project, int(query))
+        vector, exclude = np.asarray(latents[int(query)]), [int(query)]
+    else:
+        image = np.asarray(query, dtype=np.float32)
+        if image.shape != (project.crop_size, project.crop_size):
+            raise InputError(
+                f"the query image is {image.shape}; it must be a "
+                f"{project.crop_size}×{project.crop_size} crop"
+            )
+        vector = loaded.encode(image[np.newaxis])[0]
+    index, score = nearest(latents, vector, k=k, metric=metric, exclude=exclude)
+    table = project.table()
+    found = table.iloc[index][[c for c in PROVENANCE if c in table]]
+    return found.assign(score=score, rank=np.arange(1, len(index) + 1)).reset_index(drop=True)
+
+
+def _check_index(project: Project, *indices: int) -> None:
+    for index in indices:
+        if not 0 <= index < len(project):
+            raise InputError(f"crop {index} does not exist: the project has {len(project)} crops")
