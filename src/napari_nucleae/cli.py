@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in sample images")
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")
     add_ingest_options(p)
-    add_model_options(p, epochs=15, latent_dim=32)
+    add_model_options(p, epochs=30, latent_dim=32)
+    p.set_defaults(crop_size=32)  # BBBC007 nuclei are 15–30 px across
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,7 +46,8 @@ def test_embed_writes_latents_and_mse_matching_a_direct_computation(trained):
     assert latents.chunks == (16, 16)
     model = load_model(trained.model_dir("ae"))
     crops = trained.read_crops(slice(None))
-    np.testing.assert_allclose(latents[:], model.encode(crops), rtol=1e-5, atol=1e-6)
+    # GPU kernels may differ with batch composition at ~1e-5; latents are ~0.1 in size
+    np.testing.assert_allclose(latents[:], model.encode(crops), rtol=1e-4, atol=1e-4)
     direct = ((model.reconstruct(crops) - crops) ** 2).mean(axis=(1, 2))
     np.testing.assert_allclose(trained.table()["mse"], direct, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(result.mse, direct, rtol=1e-4, atol=1e-7)
