@@ -53,3 +53,15 @@ def test_process_layer_returns_labels_crops_and_ids(synthetic):
     assert result.n_crops == truth.max()
     assert result.record["image_id"] == process_layer(image, params, name="x").record["image_id"]
     assert (result.crops.table["image_path"] == "synthetic").all()
+
+
+def test_ingest_through_a_distributed_scheduler_address(tmp_path):
+    from distributed import LocalCluster
+
+    paths = bbbc007_paths()[:2]
+    project = Project.create(tmp_path / "p", CLASSICAL.crop)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        summary = ingest(paths, project, CLASSICAL, scheduler=cluster.scheduler_address)
+    assert len(summary.added) == 2 and len(project) == summary.n_crops > 50
