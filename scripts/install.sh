@@ -16,7 +16,8 @@ if ! command -v Xvfb >/dev/null 2>&1; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# torch is pinned here (not for users) so that a fresh machine takes the CPU wheel.
+# torch and cellpose are pinned here (not for users): see requirements/constraints.txt.
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  "torch==2.13.0" -e ".[testing,tsne]" 2> >(grep -v "is ignored" >&2)
+  -c requirements/constraints.txt "torch==2.13.0" -e ".[testing,tsne]" \
+  2> >(grep -v "is ignored" >&2)
 echo "installed napari-nucleae into $(pwd)/.venv"

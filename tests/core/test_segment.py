@@ -115,3 +115,15 @@ def test_cellpose_failure_is_cached_until_weights_appear(tmp_path, local_cellpos
         seg.load_cellpose(str(target), False)
     target.write_bytes(local_cellpose_model.read_bytes())
     assert seg.load_cellpose(str(target), False) is not None
+
+
+def test_a_broken_cellpose_install_falls_back_with_a_message(synthetic, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cellpose", None)  # importing it now raises ImportError
+    image, truth = synthetic
+    with pytest.raises(WeightsUnavailableError, match="cannot be imported"):
+        seg.load_cellpose("broken-install-check", False)
+    result = segment(image, SegmentParams(method="auto", model="broken-install-check", diameter=16))
+    assert result.method == "classical" and "cannot be imported" in result.note
+    assert result.n_nuclei == truth.max()

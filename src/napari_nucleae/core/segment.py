@@ -151,10 +151,17 @@ def load_cellpose(model: str, gpu: bool):
     try:
         return _load_cellpose(model, gpu)
     except WeightsUnavailableError as err:
-        major = cellpose_version()
-        name = default_model_name(major) if model == "default" and major else model
-        _LOAD_FAILURES[model, gpu] = (err, expected_weights_path(name) if major else None)
+        _LOAD_FAILURES[model, gpu] = (err, _weights_if_known(model))
         raise
+
+
+def _weights_if_known(model: str) -> Path | None:
+    """The weights path of a model, or None when cellpose itself cannot be imported."""
+    major = cellpose_version()
+    try:
+        return expected_weights_path(default_model_name(major) if model == "default" else model)
+    except Exception:  # cellpose missing or broken: nothing to wait for
+        return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,7 +171,13 @@ def _load_cellpose(model: str, gpu: bool):
         raise WeightsUnavailableError(
             "cellpose is not installed; install it or use the classical method"
         )
-    from cellpose import models
+    try:
+        from cellpose import models
+    except Exception as err:  # e.g. a torchvision that does not match the installed torch
+        raise WeightsUnavailableError(
+            f"cellpose {major} is installed but cannot be imported ({type(err).__name__}: {err}); "
+            "use the classical method or repair the cellpose installation"
+        ) from err
 
     name = default_model_name(major) if model == "default" else model
     weights = expected_weights_path(name)
