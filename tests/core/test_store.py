@@ -108,3 +108,15 @@ def test_a_second_writer_is_refused(tmp_path):
     project = Project.create(tmp_path / "p", CropParams(size=16))
     with project._lock(), pytest.raises(ProjectError, match="another process"):
         project.append({"image_id": "a"}, *_batch(1))
+
+
+def test_categorical_features_stay_categorical(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    project.append({"image_id": "a"}, *_batch(3))
+    flags = pd.Categorical(["low", "normal", "high"], categories=["low", "normal", "high"])
+    project.write_features(pd.DataFrame({"outlier": flags, "cluster": pd.Categorical([2, 0, 2])}))
+    table = Project.open(tmp_path / "p").table()
+    assert isinstance(table["outlier"].dtype, pd.CategoricalDtype)
+    assert list(table["outlier"].cat.categories) == ["low", "normal", "high"]
+    assert table["cluster"].tolist() == [2, 0, 2]
+    assert isinstance(table["cluster"].dtype, pd.CategoricalDtype)

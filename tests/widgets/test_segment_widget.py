@@ -56,6 +56,7 @@ def test_rgb_layer_without_channel_shows_a_clear_error(make_napari_viewer, qtbot
     widget.diameter.value = 16
     widget.run_button.clicked.emit()
     qtbot.waitUntil(lambda: len(viewer.layers) == 2, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
     assert viewer.layers[1].data.shape == image.shape
 
 
@@ -71,3 +72,4 @@ def test_missing_cellpose_weights_switch_to_the_fallback(
     qtbot.waitUntil(lambda: "switched the method" in widget.status.value, timeout=TIMEOUT)
     assert "missing-model" in widget.status.value
     assert widget.method.value == "classical"
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)

@@ -293,7 +293,7 @@ class Project:
             features = self.features()
             if len(features) == len(table):
                 for column in features.columns:
-                    table[column] = features[column].to_numpy()
+                    table[column] = features[column].array  # keeps categoricals
         return table
 
     def images(self) -> pd.DataFrame:
@@ -312,7 +312,15 @@ class Project:
         path = self.path / "features.parquet"
         if not path.exists():
             return pd.DataFrame(index=pd.RangeIndex(0))
-        return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        stored = pq.read_table(path)
+        features = stored.to_pandas()
+        for column in stored.schema.pandas_metadata["columns"]:  # pyarrow drops integer ones
+            name = column["name"]
+            if column["pandas_type"] == "categorical" and features[name].dtype != "category":
+                features[name] = pd.Categorical(features[name])
+        return features
 
     # ------------------------------------------------------------------ writing
     def append(self, image: dict, crops: np.ndarray, table: pd.DataFrame) -> range:
@@ -351,7 +359,7 @@ class Project:
         if len(features) != len(self):
             features = pd.DataFrame(index=pd.RangeIndex(len(self)))
         for column in columns.columns:
-            features[column] = columns[column].to_numpy()
+            features[column] = columns[column].array  # keeps categoricals
         atomic_write_parquet(self.path / "features.parquet", features)
 
     @contextmanager

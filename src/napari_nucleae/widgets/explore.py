@@ -1,0 +1,161 @@
+""" "Explore latent space" dock widget: interpolate between two crops and search the crops
+most similar to one. Clicking nuclei in the viewer fills in the crops: the last click is the
+search query and the interpolation's end, the click before it the interpolation's start."""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+import pandas as pd
+from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
+
+from ..core.analysis import interpolate_crops, search_similar
+from ..core.explore import METRICS
+from ..core.store import Project
+from ._common import add_progress, follow_picks, open_project, project_field, show_gallery
+from ._nuclei import Highlighter, NucleusIndex, Pick
+
+QUERY_COLOR = (1.0, 0.15, 0.15, 1.0)
+FOUND_COLOR = (0.0, 0.9, 1.0, 1.0)
+
+
+def similar_crops(
+    project: Project,
+    query: int,
+    *,
+    k: int,
+    metric: str,
+    progress=None,
+    should_stop=None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Worker body: the ``k`` nearest crops and a stack of the query followed by them."""
+    found = search_similar(project, query, k=k, metric=metric)
+    rows = np.r_[query, found["crop_index"].to_numpy(np.int64)]
+    return found, project.read_crops(rows)
+
+
+def interpolation(
+    project: Project, a: int, b: int, *, steps: int, progress=None, should_stop=None
+) -> np.ndarray:
+    """Worker body: decoded images from crop ``a`` to crop ``b``."""
+    return interpolate_crops(project, a, b, steps)
+
+
+class ExploreWidget(Container):
+    """Latent interpolation between two nuclei and reverse search from one."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(scrollable=False)
+        self.viewer = viewer
+        self.project = project_field(viewer)
+        self.crop_a = SpinBox(value=0, min=0, max=10**9, label="from crop")
+        self.crop_b = SpinBox(value=1, min=0, max=10**9, label="to crop")
+        self.steps = SpinBox(value=8, min=2, max=64, label="steps")
+        self.interpolate_button = PushButton(text="Interpolate")
+        self.query = SpinBox(value=0, min=0, max=10**9, label="query crop")
+        self.k = SpinBox(value=10, min=1, max=500, label="neighbours")
+        self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
+        self.search_button = PushButton(text="Find similar nuclei")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="click nuclei in the viewer to fill in the crops")
+        self.extend(
+            [
+                self.project,
+                self.crop_a,
+                self.crop_b,
+                self.steps,
+                self.interpolate_button,
+                self.query,
+                self.k,
+                self.metric,
+                self.search_button,
+                self.cancel_button,
+                self.status,
+            ]
+        )
+        self.jobs = add_progress(self)
+        self.index: NucleusIndex | None = None
+        self.highlight = Highlighter(viewer, "similar")
+        self.picker = follow_picks(viewer, self, self.use_pick)
+        self.project.changed.connect(self.load)
+        self.interpolate_button.changed.connect(self.interpolate)
+        self.search_button.changed.connect(self.search)
+        self.cancel_button.changed.connect(self.jobs.cancel)
+        self.load()
+
+    def load(self) -> None:
+        project = open_project(self.project, quiet=True)
+        self.index = None if project is None else NucleusIndex.from_table(project.table())
+
+    def _row(self, pick: Pick) -> int | None:
+        return None if self.index is None else self.index.row_of(pick.image_id, pick.label)
+
+    def use_pick(self, pick: Pick) -> None:
+        """A clicked nucleus becomes the query and the interpolation's end."""
+        row = self._row(pick)
+        if row is None:
+            self.status.value = f"{pick.layer}, label {pick.label}: not a crop of this project"
+            return
+        self.query.value = self.crop_b.value = row
+        rows = [self._row(p) for p in self.picker.history]
+        if len(rows) == 2 and rows[0] is not None:
+            self.crop_a.value = rows[0]
+        self.status.value = f"picked crop {row} ({pick.layer}, label {pick.label})"
+
+    def interpolate(self) -> None:
+        project = open_project(self.project)
+        if project is None:
+            return
+        a, b = self.crop_a.value, self.crop_b.value
+        self._start(
+            interpolation,
+            project,
+            a,
+            b,
+            steps=self.steps.value,
+            desc="Interpolating",
+            on_returned=lambda strip: self._show_strip(strip, a, b),
+        )
+
+    def _show_strip(self, strip: np.ndarray, a: int, b: int) -> None:
+        show_gallery(self.viewer, f"interpolation {a} → {b}", strip)
+        self.status.value = f"{len(strip)} decoded steps from crop {a} to crop {b}"
+
+    def search(self) -> None:
+        project = open_project(self.project)
+        if project is None:
+            return
+        query = self.query.value
+        self._start(
+            similar_crops,
+            project,
+            query,
+            k=self.k.value,
+            metric=self.metric.value,
+            desc="Searching",
+            on_returned=lambda result: self._show_similar(*result, query, project),
+        )
+
+    def _show_similar(
+        self, found: pd.DataFrame, stack: np.ndarray, query: int, project: Project
+    ) -> None:
+        rows = np.r_[query, found["crop_index"].to_numpy(np.int64)]
+        show_gallery(self.viewer, f"similar to crop {query}", stack, crops=rows.tolist())
+        if self.index is None:
+            self.index = NucleusIndex.from_table(project.table())
+        colors = np.array([QUERY_COLOR] + [FOUND_COLOR] * len(found))
+        self.highlight.show(self.index, rows, colors)
+        self.status.value = f"crop {query} (red) and its {len(found)} nearest crops (cyan)"
+
+    def _start(self, func, *args, **kwargs) -> None:
+        self._busy(True)
+        self.jobs.start(func, *args, on_errored=self._failed, **kwargs)
+        self.jobs.worker.finished.connect(lambda: self._busy(False))
+
+    def _busy(self, busy: bool) -> None:
+        self.interpolate_button.enabled = self.search_button.enabled = not busy
+        self.cancel_button.enabled = busy
+
+    def _failed(self, err: BaseException) -> None:
+        self.jobs.report_error(err)
+        self.status.value = str(err)[:200]

@@ -1,0 +1,154 @@
+""" "Outliers" dock widget: the reconstruction-error histogram, percentile cut-offs, flags on
+the images and a gallery of the most extreme crops."""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+import pandas as pd
+from magicgui.widgets import Container, FloatSpinBox, Label, PushButton, SpinBox
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.utils.notifications import show_error, show_info
+
+from ..core.analysis import flag_outliers
+from ..core.errors import NucleaeError
+from ..core.explore import outlier_flags, rank_outliers
+from ..core.store import Project
+from ._common import GAP, montage, open_project, project_field, show_gallery
+from ._nuclei import Highlighter, NucleusIndex, write_columns
+
+COLORS = {"high": (1.0, 0.15, 0.15, 1.0), "low": (0.2, 0.55, 1.0, 1.0)}
+GALLERY_COLUMNS = 8
+
+
+def cut_offs(mse: np.ndarray, flags: pd.Categorical) -> tuple[float | None, float | None]:
+    """The largest flagged-low and the smallest flagged-high error (None when none)."""
+    flags = np.asarray(flags)
+    low, high = mse[flags == "low"], mse[flags == "high"]
+    return (float(low.max()) if len(low) else None, float(high.min()) if len(high) else None)
+
+
+def extremes(mse: np.ndarray, flags: pd.Categorical, tail: str, k: int) -> np.ndarray:
+    """Up to ``k`` flagged rows of one tail, most extreme first."""
+    n_flagged = int((np.asarray(flags) == tail).sum())
+    return rank_outliers(mse, min(k, n_flagged), tail)
+
+
+class MseHistogram(FigureCanvasQTAgg):
+    """Histogram of the reconstruction error with the two cut-offs."""
+
+    def __init__(self):
+        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        super().__init__(self.figure)
+        self.axes = self.figure.add_subplot()
+        self.setMinimumHeight(200)
+
+    def show(self, mse: np.ndarray, flags: pd.Categorical) -> None:
+        ax = self.axes
+        ax.clear()
+        finite = mse[np.isfinite(mse)]
+        ax.hist(finite, bins=min(60, max(5, len(finite) // 5)), color="0.5")
+        counts = pd.Series(np.asarray(flags)).value_counts()
+        for tail, cut in zip(("low", "high"), cut_offs(mse, flags), strict=True):
+            if cut is not None:
+                ax.axvline(cut, color=COLORS[tail], lw=1.5, label=f"{tail}: {counts[tail]}")
+        ax.set_xlabel("reconstruction MSE")
+        ax.set_ylabel("crops")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        self.draw_idle()
+
+
+class OutliersWidget(Container):
+    """Flag the crops a model reconstructs worst (and best), and show where they are."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(scrollable=False)
+        self.viewer = viewer
+        self.project = project_field(viewer)
+        self.low = FloatSpinBox(value=1.0, min=0.0, max=50.0, step=0.5, label="low tail (%)")
+        self.high = FloatSpinBox(value=1.0, min=0.0, max=50.0, step=0.5, label="high tail (%)")
+        self.gallery_size = SpinBox(value=16, min=1, max=200, label="gallery crops per tail")
+        self.flag_button = PushButton(text="Flag outliers")
+        self.status = Label(value="")
+        self.extend(
+            [self.project, self.low, self.high, self.gallery_size, self.flag_button, self.status]
+        )
+        self.histogram = MseHistogram()
+        self.native.layout().addWidget(self.histogram)
+        self.table: pd.DataFrame | None = None
+        self.flags: pd.Categorical | None = None
+        self.highlight = Highlighter(viewer, "outliers")
+        self.project.changed.connect(self.load)
+        self.low.changed.connect(self.preview)
+        self.high.changed.connect(self.preview)
+        self.flag_button.changed.connect(self.flag)
+        self.load()
+
+    @property
+    def mse(self) -> np.ndarray:
+        return self.table["mse"].to_numpy(float)
+
+    def load(self) -> None:
+        """Read the project's errors and preview the cut-offs."""
+        project = open_project(self.project, quiet=True)
+        self.table = None
+        if project is None:
+            return
+        table = project.table()
+        if "mse" not in table:
+            self.status.value = "no reconstruction errors yet: embed the crops first"
+            return
+        self.table = table
+        self.preview()
+
+    def preview(self) -> None:
+        """Redraw the histogram with the current percentages (nothing is written)."""
+        if self.table is None:
+            return
+        try:
+            flags = outlier_flags(self.mse, self.low.value, self.high.value)
+        except NucleaeError as err:
+            self.status.value = str(err)
+            return
+        self.histogram.show(self.mse, flags)
+
+    def flag(self) -> None:
+        """Store the flags, copy them to the layers, highlight them and show the galleries."""
+        project = open_project(self.project)
+        if project is None:
+            return
+        try:
+            self.flags = flag_outliers(project, self.low.value, self.high.value)
+        except NucleaeError as err:
+            show_error(str(err))
+            self.status.value = str(err)[:200]
+            return
+        self.table = project.table()
+        write_columns(self.viewer, self.table, ["outlier"])
+        flagged = np.flatnonzero(np.asarray(self.flags) != "normal")
+        colors = np.array([COLORS[f] for f in np.asarray(self.flags)[flagged]]).reshape(-1, 4)
+        self.highlight.show(NucleusIndex.from_table(self.table), flagged, colors)
+        self.histogram.show(self.mse, self.flags)
+        self._galleries(project)
+        counts = pd.Series(np.asarray(self.flags)).value_counts()
+        self.status.value = (
+            f"{counts.get('high', 0)} high (red) and {counts.get('low', 0)} low (blue) "
+            f"of {len(self.flags)} crops flagged"
+        )
+        show_info(self.status.value)
+
+    def _galleries(self, project: Project) -> None:
+        """Montages of the most extreme flagged crops: highest above, lowest below."""
+        top = 0.0
+        for tail, title in (("high", "highest"), ("low", "lowest")):
+            name = f"MSE gallery: {title}"
+            rows = extremes(self.mse, self.flags, tail, self.gallery_size.value)
+            if not len(rows):
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(name)
+                continue
+            image = montage(project.read_crops(rows), GALLERY_COLUMNS)
+            show_gallery(self.viewer, name, image, offset=(top, 0.0), crops=rows.tolist())
+            top += image.shape[0] + GAP

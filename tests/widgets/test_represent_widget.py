@@ -1,0 +1,100 @@
+import numpy as np
+
+from napari_nucleae.core.analysis import find_representatives
+from napari_nucleae.core.store import Project
+from napari_nucleae.widgets._nuclei import Picker
+from napari_nucleae.widgets.explore import ExploreWidget
+from napari_nucleae.widgets.represent import RepresentWidget
+
+TIMEOUT = 60_000
+
+
+def _run(qtbot, widget, button):
+    button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.jobs.busy, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+
+
+def test_representatives_layers_highlights_and_export(
+    make_napari_viewer, qtbot, analysed, show_project, visible_labels, tmp_path
+):
+    viewer = make_napari_viewer()
+    layers = show_project(viewer, analysed)
+    widget = RepresentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.scope.choices[0] == "all" and "image_id" in widget.scope.choices
+    widget.center.value, widget.metric.value, widget.k.value = "median", "cosine", 3
+    _run(qtbot, widget, widget.find_button)
+
+    project = Project.open(analysed.path)
+    expected = find_representatives(
+        project, centers=["median"], metrics=["cosine"], k=3, pixel_baseline=False
+    ).latent.table
+    chosen = expected["crop_index"].tolist()
+    practical = viewer.layers["representatives (median, cosine)"]
+    assert practical.metadata["crop_index"] == chosen
+    assert practical.data.shape == (32, 3 * 34 - 2)
+    assert viewer.layers["theoretical (median)"].data.shape == (32, 32)
+    table = project.table()
+    for layer in layers:
+        mine = table.loc[chosen]
+        want = set(mine.loc[mine["image_id"] == layer.metadata["nucleae"]["image_id"], "label"])
+        name = f"{layer.name} [representatives]"
+        shown_here = visible_labels(viewer.layers[name], layer) if name in viewer.layers else set()
+        assert shown_here == want
+
+    # per image: one row of crops per group
+    widget.scope.value = "image_id"
+    _run(qtbot, widget, widget.find_button)
+    assert viewer.layers["representatives (median, cosine)"].data.shape == (2 * 34 - 2, 100)
+    assert viewer.layers["theoretical (median)"].data.shape == (2 * 34 - 2, 32)
+    assert "2 groups of image_id" in widget.status.value
+
+    out = tmp_path / "export"
+    widget.export_folder.value = out
+    _run(qtbot, widget, widget.export_button)
+    assert (out / "representatives.csv").exists() and (out / "montage.png").exists()
+    assert len(list(out.glob("*.tif"))) == 6 + 2  # 2 groups × 3 crops + 2 theoretical
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    _run(qtbot, widget, widget.export_button)
+    assert "already contains files" in widget.status.value
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    widget.overwrite.value = True
+    _run(qtbot, widget, widget.export_button)
+    assert widget.status.value.startswith("exported")
+
+
+def test_explore_from_clicked_nuclei(
+    make_napari_viewer, qtbot, analysed, show_project, visible_labels
+):
+    viewer = make_napari_viewer()
+    layers = show_project(viewer, analysed)
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    table = Project.open(analysed.path).table()
+    picker = Picker.of(viewer)
+    first, second = 2, len(table) - 3  # one nucleus in each image
+    for row in (first, second):
+        picker.pick_at(np.round(table.loc[row, ["centroid_y", "centroid_x"]].to_numpy(float)))
+    assert (widget.crop_a.value, widget.crop_b.value, widget.query.value) == (
+        first,
+        second,
+        second,
+    )
+
+    widget.steps.value = 5
+    _run(qtbot, widget, widget.interpolate_button)
+    strip = viewer.layers[f"interpolation {first} → {second}"]
+    assert strip.data.shape == (5, 32, 32)
+
+    widget.k.value = 4
+    _run(qtbot, widget, widget.search_button)
+    similar = viewer.layers[f"similar to crop {second}"]
+    assert similar.data.shape == (5, 32, 32) and similar.metadata["crop_index"][0] == second
+    shown = table.loc[similar.metadata["crop_index"]]
+    for layer in layers:
+        image_id = layer.metadata["nucleae"]["image_id"]
+        want = set(shown.loc[shown["image_id"] == image_id, "label"])
+        name = f"{layer.name} [similar]"
+        shown_here = visible_labels(viewer.layers[name], layer) if name in viewer.layers else set()
+        assert shown_here == want
