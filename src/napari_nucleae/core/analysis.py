@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .crop import MEASUREMENT_COLUMNS
 from .embed import read_latents, resolve_model
 from .errors import InputError
 from .explore import interpolation_strip, nearest, outlier_flags
@@ -28,20 +29,7 @@ from .represent import (
 from .segment import Progress
 from .store import Project
 
-PROVENANCE = [
-    "crop_index",
-    "image_id",
-    "image_path",
-    "plane",
-    "label",
-    "centroid_y",
-    "centroid_x",
-    "bbox_y0",
-    "bbox_x0",
-    "bbox_y1",
-    "bbox_x1",
-    "area",
-]
+PROVENANCE = ["crop_index", "image_id", "image_path", *MEASUREMENT_COLUMNS[:9]]  # ... area
 
 
 @dataclass

@@ -20,13 +20,13 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import QProgressBar
 
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
 from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
-from ._jobs import JobRunner, user_message
+from ._common import add_progress, folder_of
+from ._jobs import user_message
 
 MODEL_CHOICES = ("default", "cpsam", "nuclei", "cyto3", "custom file…")
 GPU_CHOICES = {"auto": None, "on": True, "off": False}
@@ -145,10 +145,7 @@ class SegmentWidget(Container):
                 self.status,
             ]
         )
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setVisible(False)
-        self.native.layout().addWidget(self.progress_bar)
-        self.jobs = JobRunner(self.progress_bar)
+        self.jobs = add_progress(self)
         self.model.changed.connect(
             lambda value: setattr(self.model_file, "visible", value == "custom file…")
         )
@@ -180,8 +177,7 @@ class SegmentWidget(Container):
         )
 
     def project_dir(self) -> Path | None:
-        value = str(self.project.value)
-        return Path(value) if value not in ("", ".") else None
+        return folder_of(self.project)
 
     # ------------------------------------------------------------------ actions
     def run(self) -> None:

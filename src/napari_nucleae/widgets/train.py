@@ -21,14 +21,13 @@ from magicgui.widgets import (
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import QProgressBar
 
 from ..core.embed import EmbedResult, embed
 from ..core.errors import NucleaeError
 from ..core.model import VARIANTS, ModelConfig, load_model, select_device
 from ..core.store import Project
 from ..core.train import TrainResult, train
-from ._jobs import JobRunner
+from ._common import add_progress, open_project
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -121,10 +120,7 @@ class TrainWidget(Container):
         )
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setVisible(False)
-        self.native.layout().addWidget(self.progress_bar)
-        self.jobs = JobRunner(self.progress_bar)
+        self.jobs = add_progress(self)
         self.jobs.epoch_ended.connect(self.plot.add)
         self.loaded_model: str | None = None  # a checkpoint path chosen with "Load"
         self.start_button.changed.connect(self.start_training)
@@ -134,15 +130,7 @@ class TrainWidget(Container):
 
     # ------------------------------------------------------------------ helpers
     def open_project(self) -> Project | None:
-        folder = str(self.project.value)
-        if folder in ("", "."):
-            show_error("Choose the project folder (made by 'Segment & crop nuclei').")
-            return None
-        try:
-            return Project.open(folder)
-        except NucleaeError as err:
-            show_error(str(err))
-            return None
+        return open_project(self.project)
 
     def config(self, project: Project) -> ModelConfig:
         blocks = self.blocks.value or max(1, min(4, int(np.log2(project.crop_size)) - 2))
