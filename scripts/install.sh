@@ -18,6 +18,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch and cellpose are pinned here (not for users): see requirements/constraints.txt.
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  -c requirements/constraints.txt "torch==2.13.0" -e ".[testing,tsne]" \
+  -c requirements/constraints.txt "torch==2.13.0" -e ".[testing,tsne,docs]" \
   2> >(grep -v "is ignored" >&2)
 echo "installed napari-nucleae into $(pwd)/.venv"
