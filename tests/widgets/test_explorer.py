@@ -205,3 +205,23 @@ def test_a_click_picks_but_a_drag_does_not(make_napari_viewer, analysed, show_pr
     gesture()
     gesture("mouse_move", "mouse_move")
     assert [(p.label, p.layer) for p in picks] == [(1, "nuclei 3 nuclei")]
+
+
+def test_hovering_a_point_shows_its_crop(make_napari_viewer, qtbot, analysed, show_project):
+    from matplotlib.backend_bases import MouseEvent
+
+    from napari_nucleae.widgets.explorer import nearest_point
+
+    assert nearest_point(np.array([[0.0, 0.0], [10.0, 0.0]]), 9.0, 1.0, radius=3) == 1
+    assert nearest_point(np.array([[0.0, 0.0]]), 9.0, 1.0, radius=3) is None
+    _, _, widget = _computed(make_napari_viewer, qtbot, analysed, show_project)
+    plot = widget.plot
+    plot.draw()
+    row = int(plot.drawn[3])
+    x, y = plot.axes.transData.transform(plot.xy[row])
+    with qtbot.waitSignal(plot.hovered) as hovered:
+        plot.callbacks.process("motion_notify_event", MouseEvent("motion_notify_event", plot, x, y))
+    assert hovered.args == [row]
+    shown = plot._hover.offsetbox.get_data()
+    expected = Project.open(analysed.path).read_crops([row])[0]
+    np.testing.assert_allclose(shown, expected)

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from matplotlib.path import Path as MplPath
 from matplotlib.widgets import LassoSelector, RectangleSelector
 from napari.utils.notifications import show_error, show_info
@@ -32,6 +33,7 @@ from ..core.store import Project
 from ._common import (
     add_progress,
     derived_columns,
+    folder_of,
     follow_picks,
     open_project,
     project_field,
@@ -42,6 +44,7 @@ from ._nuclei import Highlighter, NucleusIndex, Pick, write_columns
 PROJECTIONS = {"UMAP": "umap", "t-SNE": "tsne", "PCA": "pca"}
 TITLES = {"UMAP": "UMAP", "TSNE": "t-SNE", "PC": "PCA"}  # by column prefix
 MAX_DRAWN = 50_000
+HOVER_RADIUS = 5.0  # display pixels
 MAX_THUMBNAILS = 2_000
 SELECTION_COLOR = (1.0, 0.84, 0.0, 1.0)
 NOT_FEATURES = {"crop_index", "label", "plane", "image_id", "image_path"}
@@ -170,10 +173,21 @@ def thumbnail_map(
 
 
 # ---------------------------------------------------------------------------- the plot
+def nearest_point(points: np.ndarray, x: float, y: float, radius: float) -> int | None:
+    """Index of the point nearest to (x, y) if within ``radius`` (all in display pixels)."""
+    if not len(points):
+        return None
+    distance = np.hypot(points[:, 0] - x, points[:, 1] - y)
+    best = int(np.argmin(distance))
+    return best if distance[best] <= radius else None
+
+
 class LatentPlot(FigureCanvasQTAgg):
-    """Scatter of a 2-D projection with lasso/box selection and a marked point."""
+    """Scatter of a 2-D projection with lasso/box selection, a marked point and a crop shown
+    next to the point under the mouse."""
 
     selected = Signal(object)  # project rows (np.ndarray)
+    hovered = Signal(int)  # project row under the mouse
 
     def __init__(self):
         self.figure = Figure(figsize=(4, 4), tight_layout=True)
@@ -187,7 +201,9 @@ class LatentPlot(FigureCanvasQTAgg):
         self.selector: LassoSelector | RectangleSelector | None = None
         self._selection: Line2D | None = None
         self._mark: Line2D | None = None
+        self._hover: AnnotationBbox | None = None
         self.setMinimumHeight(320)
+        self.mpl_connect("motion_notify_event", self._on_motion)
 
     def show_points(
         self, xy: np.ndarray, values: pd.Series | None, axis_labels: tuple[str, str], title: str
@@ -197,6 +213,7 @@ class LatentPlot(FigureCanvasQTAgg):
         self.drawn = drawn_rows(len(self.xy))
         ax = self.axes
         ax.clear()
+        self._hover = None
         self.colorbar_axes.clear()
         self.colorbar_axes.set_visible(False)
         x, y = self.xy[self.drawn].T
@@ -217,6 +234,25 @@ class LatentPlot(FigureCanvasQTAgg):
         (self._selection,) = ax.plot([], [], "o", ms=5, mfc="none", mec=SELECTION_COLOR, mew=1.2)
         (self._mark,) = ax.plot([], [], "o", ms=14, mfc="none", mec="red", mew=2)
         self.set_tool(self.tool)
+        self.draw_idle()
+
+    def _on_motion(self, event) -> None:
+        if event.inaxes is not self.axes or event.button is not None or not len(self.drawn):
+            return
+        shown = self.axes.transData.transform(self.xy[self.drawn])
+        hit = nearest_point(shown, event.x, event.y, radius=HOVER_RADIUS)
+        if hit is not None:
+            self.hovered.emit(int(self.drawn[hit]))
+
+    def show_crop(self, row: int, crop: np.ndarray) -> None:
+        """Show ``crop`` in a box next to the point of ``row``."""
+        if self._hover is not None:
+            self._hover.remove()
+        image = OffsetImage(crop, cmap="gray", norm=Normalize(0, 1), zoom=48 / crop.shape[0])
+        self._hover = AnnotationBbox(
+            image, self.xy[row], xybox=(36, 36), boxcoords="offset points", pad=0.15
+        )
+        self.axes.add_artist(self._hover)
         self.draw_idle()
 
     def _scatter_categories(self, values: pd.Series, style: dict) -> None:
@@ -327,6 +363,8 @@ class ExplorerWidget(Container):
         self.highlight = Highlighter(viewer, "selection")
         follow_picks(viewer, self, self.show_pick)
         self.plot.selected.connect(self.select_rows)
+        self.plot.hovered.connect(self.show_hovered)
+        self._crops: Project | None = None  # the project crops are read from on hover
         self.projection.changed.connect(self._projection_changed)
         self.project.changed.connect(self.load)
         self.compute_button.changed.connect(self.compute)
@@ -397,6 +435,17 @@ class ExplorerWidget(Container):
         self.plot.show_selection(self.selection)
         self.highlight.show(self.index, self.selection, SELECTION_COLOR)
         self.status.value = f"{len(self.selection):,} of {len(self.index):,} nuclei selected"
+
+    def show_hovered(self, row: int) -> None:
+        """Show the crop of the point under the mouse."""
+        folder = folder_of(self.project)
+        if folder is None:
+            return
+        if self._crops is None or self._crops.path != folder:
+            self._crops = open_project(self.project, quiet=True)
+            if self._crops is None:
+                return
+        self.plot.show_crop(row, self._crops.read_crops([row])[0])
 
     def show_pick(self, pick: Pick) -> None:
         """Image → plot: mark the point of a clicked nucleus."""
