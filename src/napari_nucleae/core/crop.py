@@ -122,9 +122,11 @@ def normalize_plane(plane: np.ndarray, params: CropParams) -> np.ndarray:
 
 
 def normalize_crops(crops: np.ndarray, masks: np.ndarray, params: CropParams) -> np.ndarray:
-    """Per-crop percentile normalisation over each nucleus' own pixels."""
+    """Per-crop percentile normalisation over each nucleus' own pixels (the whole window for
+    a nucleus with no pixel in its window, e.g. one cut into far-apart pieces)."""
     lo_pct, hi_pct = params.percentiles
-    values = np.where(masks, crops, np.nan).reshape(len(crops), -1)
+    has_pixels = masks.reshape(len(crops), -1).any(axis=1)[:, None, None]
+    values = np.where(masks | ~has_pixels, crops, np.nan).reshape(len(crops), -1)
     lo = np.nanpercentile(values, lo_pct, axis=1)[:, None, None]
     hi = np.nanpercentile(values, hi_pct, axis=1)[:, None, None]
     return (crops - lo) / np.where(hi > lo, hi - lo, 1.0)
