@@ -389,7 +389,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     project = run_ingest(bbbc007_paths(), out / "project", args)
     run_train(project, args)
     run_embed(project, args.name, args)
+    run_report(project, out / "report", args.name, args)
     return 0
+
+
+def run_report(project: Project, out: Path, model: str | None, args: argparse.Namespace) -> Path:
+    """Write the report folder and print where its index is."""
+    from .core.report import ReportOptions, write_report
+
+    options = ReportOptions(
+        projection=args.projection, n_clusters=args.clusters, seed=getattr(args, "seed", 0)
+    )
+    bar = ProgressBar("report")
+    try:
+        index = write_report(project, out, model=model, options=options, progress=bar)
+    finally:
+        bar.close()
+    print(f"report: {index.resolve()}")
+    return index
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_report(Project.open(args.project), args.out, args.model, args)
+    return 0
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the report written by ``report`` and ``demo``."""
+    group = parser.add_argument_group("report")
+    group.add_argument("--projection", choices=("umap", "tsne", "pca"), default="umap")
+    group.add_argument("--clusters", type=int, default=4, help="k-means clusters")
 
 
 # ---------------------------------------------------------------------------- parser
@@ -497,8 +526,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")
     add_ingest_options(p)
     add_model_options(p, epochs=30, latent_dim=32)
+    add_report_options(p)
     p.set_defaults(crop_size=32)  # BBBC007 nuclei are 15–30 px across
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write a report folder (figures + index.html) of a project")
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="report folder (a previous report "
+        "there is replaced; any other non-empty folder is refused)",
+    )
+    add_common_analysis(p)
+    add_report_options(p)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,156 @@
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from napari_nucleae.cli import main
+from napari_nucleae.core import report as report_module
+from napari_nucleae.core.embed import embed
+from napari_nucleae.core.model import ModelConfig
+from napari_nucleae.core.report import ReportOptions, write_report
+from napari_nucleae.core.represent import ExportExistsError
+from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.core.train import train
+
+FAST = ReportOptions(projection="pca", n_clusters=3, gallery=4, top_k=3, steps=5)
+
+
+@pytest.fixture(scope="module")
+def embedded_folder(tmp_path_factory, blobs):
+    """A project of 240 synthetic crops from 4 images, a 2-epoch autoencoder, embedded."""
+    path = tmp_path_factory.mktemp("report") / "project"
+    project = Project.create(path, CropParams(size=32))
+    for i, crops in enumerate(np.array_split(blobs(240), 4)):
+        table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(1, len(crops) + 1)})
+        project.append({"image_id": f"img{i}"}, crops, table)
+    config = ModelConfig("ae", 32, n_blocks=2, base_filters=8, latent_dim=8, batch_size=32)
+    train(project, config, 2, name="ae")
+    embed(project, "ae")
+    return path
+
+
+@pytest.fixture
+def embedded(embedded_folder, tmp_path):
+    shutil.copytree(embedded_folder, tmp_path / "project")
+    return Project.open(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def written(embedded_folder, tmp_path_factory):
+    """One report written on a copy of the project: (project, report folder, progress steps)."""
+    root = tmp_path_factory.mktemp("written")
+    project = Project.open(shutil.copytree(embedded_folder, root / "project"))
+    steps = []
+    index = write_report(
+        project, root / "report", options=FAST, progress=lambda d, t, m: steps.append(m)
+    )
+    return project, index.parent, steps
+
+
+def test_report_folder_links_every_figure_and_stores_the_analysis(written):
+    embedded, folder, steps = written
+    index = folder / "index.html"
+    page = index.read_text()
+    linked = set(re.findall(r"(?:src|href)='([^'#]+)'", page))
+    pngs = {p.name for p in folder.glob("*.png")}
+    assert pngs == {
+        "loss.png",
+        "latent_histograms.png",
+        "projection.png",
+        "mse.png",
+        "outliers.png",
+        "representatives.png",
+        "representatives_pixel.png",
+        "representatives_per_cluster.png",
+        "interpolation.png",
+    }
+    assert (
+        pngs
+        | {
+            "representatives/representatives.csv",
+            "representatives_per_cluster/representatives.csv",
+        }
+        == linked
+    )
+    for name in pngs:
+        with Image.open(folder / name) as image:
+            assert min(image.size) > 100
+    assert steps[-1] == "report written" and len(steps) == len(report_module.STEPS) + 1
+
+    record = json.loads((folder / "report.json").read_text())
+    assert record["crops"] == 240 and record["model"] == "ae"
+    table = embedded.table()
+    assert {"PC_0", "PC_1", "cluster", "outlier"} <= set(table.columns)
+    assert (table["outlier"] == "high").sum() == round(240 * FAST.outlier_pct / 100)
+
+
+def test_per_cluster_representatives_belong_to_their_cluster(written):
+    embedded, folder, _ = written
+    chosen = pd.read_csv(folder / "representatives_per_cluster" / "representatives.csv")
+    clusters = embedded.table()["cluster"].astype(str).to_numpy()
+    assert sorted(chosen["group"].astype(str).unique()) == sorted(set(clusters))
+    assert (clusters[chosen["crop_index"]] == chosen["group"].astype(str)).all()
+    assert chosen["stability"].between(0, 1).all()
+
+    overall = pd.read_csv(folder / "representatives" / "representatives.csv")
+    assert len(overall) == len(FAST.centers) * len(FAST.metrics) * FAST.top_k
+    assert set(overall["group"]) == {"all"}
+
+
+def test_interpolation_runs_between_the_two_largest_clusters(written):
+    embedded, folder, _ = written
+    chosen = pd.read_csv(folder / "representatives_per_cluster" / "representatives.csv")
+    sizes = embedded.table()["cluster"].astype(str).value_counts()
+    firsts = chosen[chosen["rank"] == 1].astype({"group": str}).set_index("group")["crop_index"]
+    a, b = (int(firsts[g]) for g in sizes.index[:2])
+    record = json.loads((folder / "report.json").read_text())
+    caption = next(s["caption"] for s in record["sections"] if s["figure"] == "interpolation.png")
+    assert f"from crop {a} to crop {b}" in caption
+
+
+def test_a_previous_report_is_replaced_and_other_folders_are_refused(embedded, tmp_path):
+    target = tmp_path / "report"
+    write_report(embedded, target, options=FAST)
+    (target / "stale.txt").write_text("left from before")
+    write_report(embedded, target, options=FAST)
+    assert not (target / "stale.txt").exists() and (target / "index.html").is_file()
+
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "mine.csv").write_text("precious")
+    with pytest.raises(ExportExistsError, match="not a napari-nucleae report"):
+        write_report(embedded, other, options=FAST)
+    assert [p.name for p in other.iterdir()] == ["mine.csv"]
+
+
+def test_a_failing_step_leaves_neither_a_report_nor_a_staging_folder(
+    embedded, tmp_path, monkeypatch
+):
+    def broken(run):
+        raise RuntimeError("disk full")
+
+    steps = [*report_module.STEPS[:-1], ("interpolation", broken)]
+    monkeypatch.setattr(report_module, "STEPS", steps)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_report(embedded, tmp_path / "out" / "report", options=FAST)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_project_without_latents_is_refused(make_project, tmp_path):
+    project = make_project(n=20, n_images=2)
+    with pytest.raises(Exception, match="no active model"):
+        write_report(project, tmp_path / "report", options=FAST)
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_report_prints_where_the_index_is(embedded, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["report", "--project", str(embedded.path), "--out", str(out), "--projection", "pca"]
+    assert main([*argv, "--clusters", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {(out / 'index.html').resolve()}" in printed
+    assert np.unique(Project.open(embedded.path).table()["cluster"]).size == 2
