@@ -17,3 +17,14 @@ from napari_nucleae.sample import synthetic_nuclei  # noqa: E402
 def synthetic() -> tuple[np.ndarray, np.ndarray]:
     """A 256×256 image of 24 separated nuclei and its ground-truth labels."""
     return synthetic_nuclei(shape=(256, 256), n_nuclei=24, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dtypes(synthetic) -> dict[str, np.ndarray]:
+    """The synthetic image as float64 spanning -500 to 70000, as int32 and as uint16."""
+    image, _ = synthetic
+    return {
+        "float64": -500 + image.astype(np.float64) * 70500,
+        "int32": (image * 2e6 - 1e5).astype(np.int32),
+        "uint16": (image * 60000).astype(np.uint16),
+    }

@@ -1,7 +1,9 @@
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
+import tifffile
 
 from napari_nucleae.cli import main
 from napari_nucleae.core.store import Project
@@ -39,6 +41,21 @@ def test_ingest_writes_a_project_and_prints_a_summary(tmp_path, capsys):
     assert "1 images added" in out
     project = Project.open(tmp_path / "p")
     assert project.crop_size == 32 and len(project) > 50
+
+
+def test_ingest_reads_float64_int32_and_uint16_files(tmp_path, capsys, synthetic_dtypes):
+    for dtype, image in synthetic_dtypes.items():
+        tifffile.imwrite(tmp_path / f"{dtype}.tif", image)
+    options = ["--method", "classical", "--diameter", "16", "--crop-size", "32", "--workers", "1"]
+    code = main(["ingest", str(tmp_path / "*.tif"), "--project", str(tmp_path / "p"), *options])
+    assert code == 0 and "3 images added (72 crops)" in capsys.readouterr().out
+    project = Project.open(tmp_path / "p")
+    assert sorted(project.images()["dtype"]) == ["float64", "int32", "uint16"]
+    crops = project.read_crops(slice(None))
+    assert crops.min() >= 0 and crops.max() <= 1
+    brightest = pd.Series(crops.max(axis=(1, 2))).groupby(project.table()["image_path"])
+    assert brightest.size().tolist() == [24, 24, 24]
+    assert (brightest.median() > 0.5).all()  # normalised, neither black nor saturated
 
 
 def test_user_errors_exit_non_zero_without_traceback(tmp_path, capsys):

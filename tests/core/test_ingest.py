@@ -1,7 +1,14 @@
 import numpy as np
+import pytest
 import tifffile
 
-from napari_nucleae.core.ingest import IngestParams, expand_inputs, ingest, process_layer
+from napari_nucleae.core.errors import InputError
+from napari_nucleae.core.ingest import (
+    IngestParams,
+    expand_inputs,
+    ingest,
+    process_layer,
+)
 from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.sample import bbbc007_paths
@@ -65,3 +72,42 @@ def test_ingest_through_a_distributed_scheduler_address(tmp_path):
     ) as cluster:
         summary = ingest(paths, project, CLASSICAL, scheduler=cluster.scheduler_address)
     assert len(summary.added) == 2 and len(project) == summary.n_crops > 50
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int32", "uint16"])
+@pytest.mark.parametrize("normalize", ["image", "crop"])
+def test_any_numeric_range_gives_every_nucleus_and_crops_in_unit_range(
+    synthetic, synthetic_dtypes, dtype, normalize
+):
+    image, truth = synthetic[0], synthetic[1]
+    params = IngestParams(
+        segment=SegmentParams(method="classical", diameter=16),
+        crop=CropParams(size=32, normalize=normalize),
+    )
+    result = process_layer(synthetic_dtypes[dtype], params, name=dtype)
+    assert result.record["dtype"] == dtype
+    assert result.segmentation.n_nuclei == result.n_crops == truth.max()
+    crops = result.crops.crops
+    assert crops.min() >= 0 and crops.max() <= 1
+    assert np.median(crops.max(axis=(1, 2))) > 0.5  # normalised, neither black nor squashed
+    reference = process_layer(image, params, name="float32").crops.crops
+    np.testing.assert_allclose(crops, reference, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "message"),
+    [("float64", "spans -500 to 70000"), ("int32", "not int32"), ("uint16", None)],
+)
+def test_no_normalisation_refuses_images_it_would_blacken_or_saturate(
+    synthetic_dtypes, dtype, message
+):
+    params = IngestParams(
+        segment=SegmentParams(method="classical", diameter=16),
+        crop=CropParams(size=32, normalize="none"),
+    )
+    if message is None:
+        crops = process_layer(synthetic_dtypes[dtype], params, name=dtype).crops.crops
+        assert crops.max() == pytest.approx(synthetic_dtypes[dtype].max() / 65535, abs=1e-3)
+        return
+    with pytest.raises(InputError, match=message):
+        process_layer(synthetic_dtypes[dtype], params, name=dtype)

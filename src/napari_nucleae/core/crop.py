@@ -108,9 +108,12 @@ def normalize_plane(plane: np.ndarray, params: CropParams) -> np.ndarray:
     """Scale a plane towards [0, 1].
 
     ``"image"``: the plane's percentiles; ``"crop"``: min–max here, percentiles per crop later;
-    ``"none"``: integer images by their dtype's maximum, float images unchanged.
+    ``"none"``: 8- and 16-bit unsigned images by their dtype's maximum, float images in
+    [0, 1] unchanged; other images raise :class:`InputError` rather than give black or
+    saturated crops.
     """
     if params.normalize == "none":
+        check_unnormalised(plane)
         scale = np.iinfo(plane.dtype).max if np.issubdtype(plane.dtype, np.integer) else 1.0
         return plane.astype(np.float32) / np.float32(scale)
     plane = plane.astype(np.float32, copy=False)
@@ -119,6 +122,24 @@ def normalize_plane(plane: np.ndarray, params: CropParams) -> np.ndarray:
     else:
         lo, hi = float(plane.min()), float(plane.max())
     return (plane - lo) / np.float32(hi - lo if hi > lo else 1.0)
+
+
+def check_unnormalised(plane: np.ndarray) -> None:
+    """Refuse images that ``normalize="none"`` cannot map to [0, 1] faithfully."""
+    advice = "choose the 'image' or 'crop' normalisation"
+    if np.issubdtype(plane.dtype, np.integer):
+        if plane.dtype not in (np.uint8, np.uint16):
+            raise InputError(
+                f"normalize='none' divides by the dtype's maximum, which suits only 8- and "
+                f"16-bit unsigned images, not {plane.dtype}; {advice}"
+            )
+        return
+    lo, hi = float(plane.min()), float(plane.max())
+    if lo < 0 or hi > 1:
+        raise InputError(
+            f"normalize='none' keeps float values as they are, but this image spans "
+            f"{lo:g} to {hi:g} instead of 0 to 1; {advice}"
+        )
 
 
 def normalize_crops(crops: np.ndarray, masks: np.ndarray, params: CropParams) -> np.ndarray:
