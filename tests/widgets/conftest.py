@@ -18,6 +18,7 @@ from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
 from napari_nucleae.sample import synthetic_nuclei
+from napari_nucleae.widgets._settings import SETTINGS_ENV
 from napari_nucleae.widgets.segment import features_table
 
 
@@ -36,6 +37,14 @@ class Shown:
 class Analysed:
     path: Path
     images: list[Shown]
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path, monkeypatch) -> Path:
+    """Each widget test remembers its parameters in its own settings file."""
+    path = tmp_path / "settings" / "widgets.json"
+    monkeypatch.setenv(SETTINGS_ENV, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from ..core.explore import METRICS
 from ..core.store import Project
 from ._common import add_progress, follow_picks, open_project, project_field, show_gallery
 from ._nuclei import Highlighter, NucleusIndex, Pick
+from ._settings import remember
 
 QUERY_COLOR = (1.0, 0.15, 0.15, 1.0)
 FOUND_COLOR = (0.0, 0.9, 1.0, 1.0)
@@ -82,6 +83,7 @@ class ExploreWidget(Container):
         self.search_button.changed.connect(self.search)
         self.cancel_button.changed.connect(self.jobs.cancel)
         self.load()
+        remember(self, "explore", skip=("crop_a", "crop_b"))
 
     def load(self) -> None:
         project = open_project(self.project, quiet=True)

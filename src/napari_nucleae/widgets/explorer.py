@@ -40,6 +40,7 @@ from ._common import (
     show_gallery,
 )
 from ._nuclei import Highlighter, NucleusIndex, Pick, write_columns
+from ._settings import remember
 
 PROJECTIONS = {"UMAP": "umap", "t-SNE": "tsne", "PCA": "pca"}
 TITLES = {"UMAP": "UMAP", "TSNE": "t-SNE", "PC": "PCA"}  # by column prefix
@@ -374,6 +375,7 @@ class ExplorerWidget(Container):
         self.clear_button.changed.connect(lambda: self.select_rows(np.empty(0, dtype=np.int64)))
         self.thumbnails_button.changed.connect(self.make_thumbnail_map)
         self.load()
+        remember(self, "explorer")
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:

@@ -17,6 +17,7 @@ from ..core.explore import outlier_flags, rank_outliers
 from ..core.store import Project
 from ._common import GAP, montage, open_project, project_field, show_gallery
 from ._nuclei import Highlighter, NucleusIndex, write_columns
+from ._settings import remember
 
 COLORS = {"high": (1.0, 0.15, 0.15, 1.0), "low": (0.2, 0.55, 1.0, 1.0)}
 GALLERY_COLUMNS = 8
@@ -85,6 +86,7 @@ class OutliersWidget(Container):
         self.high.changed.connect(self.preview)
         self.flag_button.changed.connect(self.flag)
         self.load()
+        remember(self, "outliers")
 
     @property
     def mse(self) -> np.ndarray:

@@ -28,6 +28,7 @@ from ._common import (
     show_gallery,
 )
 from ._nuclei import Highlighter, NucleusIndex
+from ._settings import remember
 
 ALL = "all"
 MAX_GROUPS = 50
@@ -139,6 +140,7 @@ class RepresentWidget(Container):
         self.cancel_button.changed.connect(self.jobs.cancel)
         self.export_button.changed.connect(self.export)
         self.load()
+        remember(self, "represent")
 
     def load(self) -> None:
         """Offer the project's groupable columns as scopes."""

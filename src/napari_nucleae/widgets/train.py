@@ -28,6 +28,7 @@ from ..core.model import VARIANTS, ModelConfig, load_model, select_device
 from ..core.store import Project
 from ..core.train import TrainResult, train
 from ._common import add_progress, open_project
+from ._settings import remember
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -127,6 +128,7 @@ class TrainWidget(Container):
         self.stop_button.changed.connect(self.jobs.cancel)
         self.load_button.changed.connect(self.load_checkpoint)
         self.embed_button.changed.connect(self.start_embedding)
+        remember(self, "train", skip=("resume",))
 
     # ------------------------------------------------------------------ helpers
     def open_project(self) -> Project | None:
