@@ -101,6 +101,8 @@ def test_features_reach_layers_and_the_clusters_plotter(
     plotter.x_axis, plotter.y_axis, plotter.hue_axis = "PC_0", "PC_1", "cluster"
     plotted = plotter._get_features()
     np.testing.assert_allclose(plotted["PC_0"], layer.features["PC_0"])
+    plotter._replot()  # integer cluster categories (NaN for uncropped nuclei) can be drawn
+    assert len(plotter.plotting_widget.active_artist.color_indices) == len(layer.features)
     # the plotter maps row i to label i + 1: our rows agree
     row = 5
     chosen = np.zeros(len(layer.features), dtype=bool)

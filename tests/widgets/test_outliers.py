@@ -32,9 +32,12 @@ def test_percentiles_flag_the_right_rows_and_show_them(
         mine = table[table["image_id"] == image_id]
         flagged = set(mine.loc[mine["outlier"] != "normal", "label"])
         features = layer.features.set_index("label")
+        # text categories reach the layer as integer codes, named in the metadata
         assert isinstance(features["outlier"].dtype, pd.CategoricalDtype)
-        assert list(features["outlier"].cat.categories) == ["low", "normal", "high"]
-        assert list(features.loc[mine["label"], "outlier"]) == list(mine["outlier"])
+        names = layer.metadata["nucleae"]["categories"]["outlier"]
+        assert names == ["low", "normal", "high"]
+        codes = features.loc[mine["label"], "outlier"].astype(int)
+        assert [names[c] for c in codes] == list(mine["outlier"])
         highlight = viewer.layers[f"{layer.name} [outliers]"]
         assert visible_labels(highlight, layer) == flagged
         for label in flagged:
@@ -60,3 +63,27 @@ def test_cut_offs_and_extremes():
     assert cut_offs(mse, flags) == (1.0, 9.0)
     np.testing.assert_array_equal(extremes(mse, flags, "high", 5), [4])
     np.testing.assert_array_equal(extremes(mse, flags, "low", 0), [])
+
+
+def test_the_clusters_plotter_colours_by_our_text_categories(
+    make_napari_viewer, qtbot, analysed, show_project
+):
+    from napari_clusters_plotter import PlotterWidget
+
+    viewer = make_napari_viewer()
+    layers = show_project(viewer, analysed)
+    widget = OutliersWidget(viewer)
+    widget.low.value, widget.high.value = 10.0, 10.0
+    widget.flag_button.clicked.emit()
+    layer = layers[0]
+    viewer.layers.selection.active = layer
+    plotter = PlotterWidget(viewer)
+    viewer.window.add_dock_widget(plotter)
+    assert "outlier" in plotter.categorical_columns
+    plotter.x_axis, plotter.y_axis, plotter.hue_axis = "mse", "area", "outlier"
+    plotter._replot()  # raised inside its plotting library for text categories
+    colours = np.asarray(plotter.plotting_widget.active_artist.color_indices)
+    flags = layer.features["outlier"]
+    assert len(colours) == len(flags)
+    for code in range(3):
+        assert len(set(colours[np.asarray(flags == code)])) == 1

