@@ -9,10 +9,10 @@ from PIL import Image
 
 from napari_nucleae.cli import main
 from napari_nucleae.core import report as report_module
-from napari_nucleae.core.embed import embed
+from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.report import ReportOptions, write_report
-from napari_nucleae.core.represent import ExportExistsError
+from napari_nucleae.core.represent import ExportExistsError, geometric_median
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
 
@@ -101,15 +101,22 @@ def test_per_cluster_representatives_belong_to_their_cluster(written):
     assert set(overall["group"]) == {"all"}
 
 
-def test_interpolation_runs_between_the_two_largest_clusters(written):
+def test_interpolation_joins_the_two_most_distant_clusters(written):
     embedded, folder, _ = written
     chosen = pd.read_csv(folder / "representatives_per_cluster" / "representatives.csv")
-    sizes = embedded.table()["cluster"].astype(str).value_counts()
+    table = embedded.table()
+    latents = np.asarray(read_latents(embedded, "ae"))
+    groups = sorted(table["cluster"].astype(str).unique())
+    in_group = [table["cluster"].astype(str).to_numpy() == g for g in groups]
+    centres = np.stack([geometric_median(latents[m]) for m in in_group])
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    far = {groups[i] for i in np.unravel_index(np.argmax(gaps), gaps.shape)}
     firsts = chosen[chosen["rank"] == 1].astype({"group": str}).set_index("group")["crop_index"]
-    a, b = (int(firsts[g]) for g in sizes.index[:2])
+    a, b = sorted(int(firsts[g]) for g in far)
     record = json.loads((folder / "report.json").read_text())
     caption = next(s["caption"] for s in record["sections"] if s["figure"] == "interpolation.png")
-    assert f"from crop {a} to crop {b}" in caption
+    ends = re.search(r"from crop (\d+) to crop (\d+)", caption).groups()
+    assert sorted(map(int, ends)) == [a, b]
 
 
 def test_a_previous_report_is_replaced_and_other_folders_are_refused(embedded, tmp_path):

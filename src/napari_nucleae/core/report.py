@@ -318,7 +318,7 @@ def cluster_section(run: _Run) -> Section:
 
 
 def interpolation_section(run: _Run) -> Section:
-    """A decoded straight path between the representatives of the two largest clusters."""
+    """A decoded straight path between the representatives of the two most distant clusters."""
     a, b = _interpolation_ends(run)
     strip = analysis.interpolate_crops(run.project, a, b, run.options.steps, run.model.name)
     start, end = run.project.read_crops([a, b])
@@ -328,19 +328,22 @@ def interpolation_section(run: _Run) -> Section:
     return Section(
         "Latent interpolation",
         f"Decoded images along the straight line in latent space from crop {a} to crop {b} "
-        "(the representatives of the two largest clusters), real crops at both ends.",
+        "(the representatives of the two clusters farthest apart), real crops at both ends.",
         "interpolation.png",
     )
 
 
 def _interpolation_ends(run: _Run) -> tuple[int, int]:
-    table = run.per_cluster.table if run.per_cluster is not None else None
-    if table is not None:
-        sizes = run.project.table()["cluster"].value_counts()
-        firsts = table[table["rank"] == 1].set_index("group")["crop_index"]
-        ordered = [int(firsts[g]) for g in sizes.index if g in firsts.index]
-        if len(set(ordered[:2])) == 2:
-            return ordered[0], ordered[1]
+    """The top crops of the two clusters whose centres lie farthest apart (else crop 0 and
+    the crop farthest from it)."""
+    found = run.per_cluster
+    if found is not None and len(found.centres) >= 2:
+        groups = [group for group, _ in found.centres]
+        centres = np.stack(list(found.centres.values()))
+        gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        i, j = np.unravel_index(np.argmax(gaps), gaps.shape)
+        firsts = found.table[found.table["rank"] == 1].set_index("group")["crop_index"]
+        return int(firsts[groups[min(i, j)]]), int(firsts[groups[max(i, j)]])
     far = np.linalg.norm(run.latents - run.latents[0], axis=1)
     return 0, int(np.argmax(far))
 
