@@ -28,3 +28,27 @@ def synthetic_dtypes(synthetic) -> dict[str, np.ndarray]:
         "int32": (image * 2e6 - 1e5).astype(np.int32),
         "uint16": (image * 60000).astype(np.uint16),
     }
+
+
+class RecordedReads:
+    """An array-like (like zarr or h5py) that records the shape of every read."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+        self.reads: list[tuple[int, ...]] = []
+
+    def __getitem__(self, key) -> np.ndarray:
+        part = np.asarray(self.array[key])
+        self.reads.append(part.shape)
+        return part
+
+    @property
+    def largest_read(self) -> int:
+        return max(int(np.prod(shape)) for shape in self.reads)
+
+
+@pytest.fixture
+def recorded_reads() -> type[RecordedReads]:
+    """``recorded_reads(array)``: an array-like that records the shape of every read."""
+    return RecordedReads

@@ -58,6 +58,15 @@ def test_ingest_reads_float64_int32_and_uint16_files(tmp_path, capsys, synthetic
     assert (brightest.median() > 0.5).all()  # normalised, neither black nor saturated
 
 
+def test_ingest_refuses_a_huge_tiff_plane_without_reading_it(tmp_path, capsys):
+    huge = tmp_path / "huge.tif"
+    tifffile.imwrite(huge, shape=(20_000, 20_000), dtype="uint8")  # sparse: nothing written
+    code = main(["ingest", str(huge), "--project", str(tmp_path / "p"), "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "0 images added" in out
+    assert f"failed: {huge}: the image plane is 20000×20000 = 400,000,000 pixels" in out
+
+
 def test_user_errors_exit_non_zero_without_traceback(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "missing.tif"), "--project", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err

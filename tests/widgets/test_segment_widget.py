@@ -1,3 +1,4 @@
+import dask.array as da
 import numpy as np
 
 from napari_nucleae.core.store import Project
@@ -73,3 +74,35 @@ def test_missing_cellpose_weights_switch_to_the_fallback(
     assert "missing-model" in widget.status.value
     assert widget.method.value == "classical"
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+
+
+def test_a_dask_stack_is_segmented_one_plane_at_a_time(
+    make_napari_viewer, qtbot, synthetic, recorded_reads
+):
+    image, truth = synthetic
+    stack = recorded_reads(np.stack([image, image[::-1], image[:, ::-1]]))
+    lazy = da.from_array(stack, chunks=stack.shape)  # one chunk: slicing decides the reads
+    viewer, widget = _widget(make_napari_viewer, lazy)
+    widget.method.value = "classical"
+    widget.diameter.value = 16
+    widget.crop_size.value = 32
+    stack.reads.clear()  # napari reads the whole chunk for its contrast limits and display
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    labels = viewer.layers["nuclei nuclei"]
+    assert labels.data.shape == stack.shape and labels.data.max() == 3 * truth.max()
+    assert (labels.features["cropped"] == "yes").sum() == 3 * truth.max()
+    assert stack.largest_read == image.size  # the widget reads one plane at a time
+
+
+def test_a_multiscale_layer_is_segmented_at_full_resolution(make_napari_viewer, qtbot, synthetic):
+    image, truth = synthetic
+    viewer, widget = _widget(make_napari_viewer, [image, image[::2, ::2]], multiscale=True)
+    widget.method.value = "classical"
+    widget.diameter.value = 16
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    labels = viewer.layers["nuclei nuclei"]
+    assert labels.data.shape == image.shape and labels.data.max() == truth.max()

@@ -9,11 +9,13 @@ does not grow with one full-image operation per nucleus.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from .arrays import as_array, read_plane
 from .errors import InputError, NoNucleiError
 from .store import CropParams
 
@@ -241,12 +243,13 @@ def _finish(
 
 
 # ---------------------------------------------------------------------------- entry point
-def crop_nuclei(
-    planes: np.ndarray, labels: np.ndarray, params: CropParams | None = None
-) -> CropResult:
-    """Crop every nucleus of ``planes`` (``(Y, X)`` or ``(P, Y, X)``) given matching labels."""
+def crop_nuclei(planes: Any, labels: np.ndarray, params: CropParams | None = None) -> CropResult:
+    """Crop every nucleus of ``planes`` (``(Y, X)`` or ``(P, Y, X)``) given matching labels.
+
+    ``planes`` may be a dask or zarr array; it is then read one plane at a time.
+    """
     params = params or CropParams()
-    planes, labels = np.asarray(planes), np.asarray(labels)
+    planes, labels = as_array(planes), np.asarray(labels)
     if labels.shape != planes.shape:
         raise InputError(
             f"labels of shape {labels.shape} do not match the image of shape {planes.shape}"
@@ -258,7 +261,8 @@ def crop_nuclei(
     if planes.ndim == 2:
         planes, labels = planes[np.newaxis], labels[np.newaxis]
     tables, crops = [], []
-    for p, (plane, plane_labels) in enumerate(zip(planes, labels, strict=True)):
+    for p, plane_labels in enumerate(labels):
+        plane = read_plane(planes, p)
         measured = measure_plane(plane, plane_labels)
         measured.insert(0, "plane", p)
         tables.append(measured)

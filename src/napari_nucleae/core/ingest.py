@@ -5,13 +5,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .arrays import as_array, plane_indices, read_plane
 from .crop import CropResult, crop_nuclei
 from .errors import InputError, NoNucleiError, NucleaeError
 from .segment import (
@@ -83,6 +86,33 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"could not read {path}: {err}") from err
 
 
+@contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Any]:
+    """An image file as an array: TIFFs lazily through zarr (so that only the planes being
+    processed are in memory), other formats read whole."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        yield read_image(path)
+        return
+    if not path.is_file():
+        raise InputError(f"no image file at {path}")
+    import tifffile
+    import zarr
+
+    try:
+        store = tifffile.imread(path, aszarr=True, level=0)
+    except Exception as err:
+        raise InputError(f"could not read {path}: {err}") from err
+    try:
+        try:
+            image = zarr.open_array(store, mode="r")
+        except Exception as err:
+            raise InputError(f"could not read {path}: {err}") from err
+        yield image
+    finally:
+        store.close()
+
+
 def file_checksum(path: str | os.PathLike) -> str:
     """SHA-1 of a file's bytes (the id of an image file in a project)."""
     digest = hashlib.sha1()
@@ -92,11 +122,13 @@ def file_checksum(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def array_checksum(image: np.ndarray) -> str:
-    """SHA-1 of an array's shape, dtype and pixels (the id of an in-memory image)."""
-    image = np.ascontiguousarray(image)
-    digest = hashlib.sha1(f"{image.shape}{image.dtype}".encode())
-    digest.update(image.data)
+def array_checksum(image: Any) -> str:
+    """SHA-1 of an array's shape, dtype and pixels (the id of an in-memory image), read one
+    plane at a time when the array is lazy."""
+    image = as_array(image)
+    digest = hashlib.sha1(f"{tuple(image.shape)}{image.dtype}".encode())
+    for index in plane_indices(image):
+        digest.update(np.ascontiguousarray(read_plane(image, index)).data)
     return digest.hexdigest()[:16]
 
 
@@ -119,24 +151,32 @@ def expand_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
 
 # ---------------------------------------------------------------------------- one image
 def process_image(
-    image: np.ndarray,
+    image: Any,
     params: IngestParams,
     *,
-    image_id: str,
+    image_id: str | None = None,
     path: str = "",
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> ImageResult:
-    """Segment and crop one image (2-D, a stack, or multichannel with a channel choice)."""
-    planes, is_stack = prepare_planes(image, params.channel, params.channel_axis)
+    """Segment and crop one image (2-D, a stack, or multichannel with a channel choice).
+
+    A dask or zarr ``image`` is read one plane at a time. ``image_id`` defaults to the
+    checksum of the pixels (computed once the image passed the checks).
+    """
+    image = as_array(image)
+    planes, is_stack = prepare_planes(
+        image, params.channel, params.channel_axis, params.segment.max_plane_pixels
+    )
+    image_id = image_id or array_checksum(image)
     seg = segment_planes(planes, params.segment, progress=progress, should_stop=should_stop)
     if not is_stack:
         planes, seg.labels = planes[0], seg.labels[0]
     record = {
         "image_id": image_id,
         "path": path,
-        "shape": str(tuple(np.shape(image))),
-        "dtype": str(np.asarray(image).dtype),
+        "shape": str(tuple(image.shape)),
+        "dtype": str(image.dtype),
         "method": seg.method,
         "n_nuclei": seg.n_nuclei,
     }
@@ -151,7 +191,8 @@ def process_image(
 
 def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult:
     """Read and process one image file (the unit of work sent to Dask workers)."""
-    return process_image(read_image(path), params, image_id=image_id, path=path)
+    with open_image(path) as image:
+        return process_image(image, params, image_id=image_id, path=path)
 
 
 def add_to_project(project: Project, result: ImageResult) -> range:
@@ -258,19 +299,12 @@ def summary_line(summary: IngestSummary) -> str:
 
 
 def process_layer(
-    image: np.ndarray,
+    image: Any,
     params: IngestParams,
     *,
     name: str,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> ImageResult:
-    """Process an in-memory image (a napari layer's data) and id it by its pixels."""
-    return process_image(
-        np.asarray(image),
-        params,
-        image_id=array_checksum(np.asarray(image)),
-        path=name,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    """Process a napari layer's data (NumPy, dask or zarr) and id it by its pixels."""
+    return process_image(image, params, path=name, progress=progress, should_stop=should_stop)

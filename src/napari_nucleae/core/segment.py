@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -16,12 +17,15 @@ from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
 from skimage.segmentation import relabel_sequential, watershed
 
+from .arrays import as_array, pixel_range, read_plane
 from .errors import InputError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "cellpose", "classical")
 MIN_SIDE = 8
+MAX_PLANE_PIXELS = 2**28  # 16384 × 16384
+MAX_PIXELS_ENV = "NUCLEAE_MAX_PLANE_PIXELS"
 
 Progress = Callable[[int, int, str], None]
 ShouldStop = Callable[[], bool]
@@ -44,6 +48,7 @@ class SegmentParams:
     cellprob_threshold: float = 0.0
     gpu: bool | None = None
     min_area: int | None = None
+    max_plane_pixels: int | None = None  # None: $NUCLEAE_MAX_PLANE_PIXELS or 2**28
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +56,10 @@ class SegmentParams:
         if self.diameter is not None and self.diameter <= 0:
             raise InputError(
                 f"diameter must be positive (or empty for automatic), got {self.diameter}"
+            )
+        if self.max_plane_pixels is not None and self.max_plane_pixels < MIN_SIDE**2:
+            raise InputError(
+                f"max_plane_pixels must be at least {MIN_SIDE**2}, got {self.max_plane_pixels}"
             )
 
 
@@ -68,15 +77,47 @@ class Segmentation:
 
 
 # ---------------------------------------------------------------------------- input handling
+def max_plane_pixels(limit: int | None = None) -> int:
+    """The largest plane segmented: ``limit``, else ``$NUCLEAE_MAX_PLANE_PIXELS``, else 2**28."""
+    if limit is not None:
+        return limit
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if not value:
+        return MAX_PLANE_PIXELS
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels") from None
+
+
+def check_plane_size(shape: tuple[int, ...], limit: int | None = None) -> None:
+    """Refuse planes ``(..., Y, X)`` above the pixel limit, before any pixel is read."""
+    height, width = shape[-2:]
+    limit = max_plane_pixels(limit)
+    if height * width > limit:
+        raise InputError(
+            f"the image plane is {height}×{width} = {height * width:,} pixels, above the limit "
+            f"of {limit:,} pixels (segmentation holds several float64 copies of a plane, "
+            f"{8 * height * width / 2**30:.1f} GiB each). Tile the image or crop a region of "
+            f"it, or raise the limit (the max_plane_pixels setting or the {MAX_PIXELS_ENV} "
+            "environment variable) if this machine has the memory."
+        )
+
+
 def prepare_planes(
-    image: np.ndarray, channel: int | None = None, channel_axis: int | None = None
-) -> tuple[np.ndarray, bool]:
+    image: Any,
+    channel: int | None = None,
+    channel_axis: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[Any, bool]:
     """Validate an image; return grayscale planes ``(P, Y, X)`` and whether it is a stack.
 
     Accepts 2-D ``(Y, X)`` and 3-D ``(T or Z, Y, X)`` images. Multichannel data needs a
     ``channel``; the channel axis is ``channel_axis`` or, for RGB(A)-looking images, the last.
+    NumPy images stay NumPy; dask, zarr and other lazy arrays come back as dask arrays, and
+    nothing is read before the shape checks (see :func:`check_plane_size`).
     """
-    image = np.asarray(image)
+    image = as_array(image)
     if image.dtype == bool or not (
         np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
     ):
@@ -106,10 +147,12 @@ def prepare_planes(
         )
     if min(image.shape[1:]) < MIN_SIDE:
         raise InputError(f"the image is too small ({image.shape[1]}×{image.shape[2]} pixels)")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+    check_plane_size(image.shape, max_pixels)
+    finite, lo, hi = pixel_range(image)
+    if not finite:
         raise InputError("the image contains NaN or infinite values; clean or fill them first")
-    if image.min() == image.max():
-        raise InputError(f"the image is empty: every pixel equals {image.flat[0]:g}")
+    if lo == hi:
+        raise InputError(f"the image is empty: every pixel equals {lo:g}")
     return image, is_stack
 
 
@@ -233,7 +276,7 @@ def classical_plane(plane: np.ndarray, params: SegmentParams) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- entry point
 def segment(
-    image: np.ndarray,
+    image: Any,
     params: SegmentParams | None = None,
     *,
     channel: int | None = None,
@@ -242,7 +285,8 @@ def segment(
     should_stop: ShouldStop | None = None,
 ) -> Segmentation:
     """Segment an image; labels have its spatial shape (``(Y, X)`` or ``(P, Y, X)``)."""
-    planes, is_stack = prepare_planes(image, channel, channel_axis)
+    max_pixels = params.max_plane_pixels if params is not None else None
+    planes, is_stack = prepare_planes(image, channel, channel_axis, max_pixels)
     seg = segment_planes(planes, params, progress=progress, should_stop=should_stop)
     if not is_stack:
         seg.labels = seg.labels[0]
@@ -250,13 +294,14 @@ def segment(
 
 
 def segment_planes(
-    planes: np.ndarray,
+    planes: Any,
     params: SegmentParams | None = None,
     *,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> Segmentation:
-    """Segment validated planes ``(P, Y, X)`` one by one; labels are unique across planes."""
+    """Segment validated planes ``(P, Y, X)`` one by one (a lazy stack is read one plane at a
+    time); labels are unique across planes."""
     params = params or SegmentParams()
     method, note = params.method, ""
     if method in ("auto", "cellpose"):
@@ -271,10 +316,10 @@ def segment_planes(
     run_plane = cellpose_plane if method == "cellpose" else classical_plane
     labels = np.zeros(planes.shape, dtype=np.int32)
     offset = 0
-    for i, plane in enumerate(planes):
+    for i in range(len(planes)):
         if should_stop is not None and should_stop():
             raise InterruptedError("segmentation cancelled")
-        plane_labels = run_plane(plane, params)
+        plane_labels = run_plane(read_plane(planes, i), params)
         labels[i] = np.where(plane_labels > 0, plane_labels + offset, 0)
         offset += int(plane_labels.max())
         if progress is not None:

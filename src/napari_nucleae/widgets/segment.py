@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import napari
 import numpy as np
@@ -41,8 +42,13 @@ class SegmentOutcome:
     first_crop: int | None = None  # project row of the first crop, when saved
 
 
+def full_resolution(layer: napari.layers.Image) -> Any:
+    """A layer's pixels: its data, or the first level of a multiscale layer (left lazy)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 def segment_and_store(
-    image: np.ndarray,
+    image: Any,
     params: IngestParams,
     *,
     name: str,
@@ -50,7 +56,8 @@ def segment_and_store(
     progress=None,
     should_stop=None,
 ) -> SegmentOutcome:
-    """Worker body: segment + crop a layer's data, then append it to a project if given."""
+    """Worker body: segment + crop a layer's data (a dask or zarr stack is read one plane at a
+    time), then append it to a project if given."""
     result = process_layer(image, params, name=name, progress=progress, should_stop=should_stop)
     if result.crops is None:
         raise NoNucleiError(
@@ -194,7 +201,7 @@ class SegmentWidget(Container):
         self._set_running(True)
         self.jobs.start(
             segment_and_store,
-            layer.data,
+            full_resolution(layer),
             params,
             name=layer.name,
             project_dir=self.project_dir(),
