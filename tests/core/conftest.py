@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.special import expit
 
 from napari_nucleae.core.store import CropParams, Project
@@ -64,3 +65,13 @@ def make_project(tmp_path: Path) -> MakeProject:
 def blobs() -> Callable[..., np.ndarray]:
     """``blobs(n, size=32, seed=0)``: synthetic crops without a project."""
     return blob_crops
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch sees neither a CUDA GPU nor Apple's MPS."""
+    from napari_nucleae.core import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(model, "_mps_available", lambda: False)

@@ -4,11 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 
 from napari_nucleae.core import embed as embed_module
 from napari_nucleae.core import store
 from napari_nucleae.core.embed import default_batch_size, embed, read_latents
-from napari_nucleae.core.errors import ProjectError
+from napari_nucleae.core.errors import InputError, NucleaeError, ProjectError
 from napari_nucleae.core.model import CheckpointError, ModelConfig, load_model
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
@@ -111,6 +112,9 @@ class _SmallGPU:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return crops.reshape(len(crops), -1)[:, :3], crops.mean(axis=(1, 2))
 
+    def out_of_memory(self, crops):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
 
 def test_out_of_memory_halves_the_batch(blobs, monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -119,6 +123,20 @@ def test_out_of_memory_halves_the_batch(blobs, monkeypatch):
     assert batch_size == 10
     np.testing.assert_array_equal(latents, crops.reshape(45, -1)[:, :3])
     np.testing.assert_array_equal(mse, crops.mean(axis=(1, 2)))
+
+
+def test_out_of_memory_with_one_crop_per_batch_is_a_clear_error(blobs, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(_SmallGPU, "latents_and_mse", _SmallGPU.out_of_memory)
+    with pytest.raises(NucleaeError, match="ran out of GPU memory even with one crop per batch"):
+        embed_module._run_block(_SmallGPU(), blobs(4), 4)
+
+
+def test_embedding_on_cuda_without_a_gpu_is_refused_and_keeps_latents(trained, no_gpu):
+    first = embed(trained, device="auto")
+    with pytest.raises(InputError, match="CUDA was requested but PyTorch sees no CUDA GPU"):
+        embed(trained, device="cuda")
+    np.testing.assert_array_equal(read_latents(trained), np.asarray(zarr.open_array(first.path)))
 
 
 def test_default_batch_size_is_larger_on_gpus():

@@ -221,6 +221,13 @@ def test_select_device():
         select_device("tpu")
 
 
+@pytest.mark.parametrize("request_", ["cuda", "cuda:0", "CUDA"])
+def test_cuda_without_a_gpu_is_refused_and_auto_picks_the_cpu(no_gpu, request_):
+    with pytest.raises(InputError, match=r"CUDA was requested but PyTorch sees no CUDA GPU; use"):
+        select_device(request_)
+    assert select_device("auto") == select_device(None) == torch.device("cpu")
+
+
 def test_networks_share_one_interface():
     for variant in ("ae", "vae", "denoising"):
         assert isinstance(build_model(_config(variant)), Autoencoder)

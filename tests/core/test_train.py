@@ -120,6 +120,14 @@ def test_pca_components_are_limited_by_the_number_of_crops(make_project):
     assert load_model(result.last).config.latent_dim == 20
 
 
+def test_training_on_cuda_without_a_gpu_is_refused_before_writing(make_project, no_gpu):
+    project = make_project(n=40, n_images=2)
+    with pytest.raises(InputError, match="CUDA was requested but PyTorch sees no CUDA GPU"):
+        train(project, _config(), 1, name="gpu", device="cuda")
+    assert not project.model_dir("gpu").exists()
+    assert train(project, _config(), 1, name="auto", device="auto").device == "cpu"
+
+
 def test_split_holds_out_whole_images_and_is_seeded():
     table = pd.DataFrame({"image_id": np.repeat([f"i{k}" for k in range(10)], 30)})
     split = split_crops(table, 0.2, seed=3)

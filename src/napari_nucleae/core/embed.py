@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import zarr
 
-from .errors import ProjectError
+from .errors import NucleaeError, ProjectError
 from .model import CheckpointError, LoadedModel, load_model
 from .store import Project
 from .train import Progress, read_ahead
@@ -69,14 +69,20 @@ def resolve_model(
 def _run_block(
     model: LoadedModel, crops: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Latents and MSE of a block; on CUDA out-of-memory the batch size halves and retries."""
+    """Latents and MSE of a block; on CUDA out-of-memory the batch size halves and retries
+    (down to one crop, then a :class:`NucleaeError` says what to do)."""
     latents, errors, start = [], [], 0
     while start < len(crops):
         try:
             z, mse = model.latents_and_mse(crops[start : start + batch_size])
-        except torch.cuda.OutOfMemoryError:
-            if model.device.type != "cuda" or batch_size == 1:
+        except torch.cuda.OutOfMemoryError as err:
+            if model.device.type != "cuda":
                 raise
+            if batch_size == 1:
+                raise NucleaeError(
+                    "embedding ran out of GPU memory even with one crop per batch; free GPU "
+                    "memory (other programs, other napari layers) or embed on the CPU"
+                ) from err
             torch.cuda.empty_cache()
             batch_size //= 2
             continue
