@@ -159,6 +159,7 @@ class Project:
         self.path = Path(path)
         self.meta = meta
         self._table_cache: pd.DataFrame | None = None
+        self._part_rows: dict[str, int] = {}  # committed crops parts never change
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -221,15 +222,19 @@ class Project:
         return cls.create(path, crop)
 
     # ------------------------------------------------------------------ internals
+    def _part_names(self, table: str) -> list[str]:
+        """Sorted part file names (plain strings: cheap with thousands of parts)."""
+        names = os.listdir(self.path / table)
+        return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
+
     def _parts(self, table: str) -> list[Path]:
-        return sorted((self.path / table).glob("part-*.parquet"))
+        return [self.path / table / name for name in self._part_names(table)]
 
     def _repair(self) -> None:
         """Drop whatever an interrupted append left behind."""
-        committed = {p.name for p in self._parts("crops.parquet")}
-        for orphan in self._parts("images.parquet"):
-            if orphan.name not in committed:
-                orphan.unlink()
+        committed = set(self._part_names("crops.parquet"))
+        for orphan in set(self._part_names("images.parquet")) - committed:
+            (self.path / "images.parquet" / orphan).unlink()
         n = self._count_rows()
         arr = self.crops
         if arr.shape[0] > n:
@@ -243,7 +248,12 @@ class Project:
     def _count_rows(self) -> int:
         import pyarrow.parquet as pq
 
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self._parts("crops.parquet"))
+        names = self._part_names("crops.parquet")
+        for name in names:
+            if name not in self._part_rows:
+                path = self.path / "crops.parquet" / name
+                self._part_rows[name] = pq.ParquetFile(path).metadata.num_rows
+        return sum(self._part_rows[name] for name in names)
 
     def _touch(self) -> None:
         self.meta.updated = _now()
@@ -341,7 +351,7 @@ class Project:
             if len(crops):
                 arr.resize((stop, size, size))
                 arr[start:stop] = to_storage(crops, self.meta.crop.storage_dtype)
-            part = _part_name(len(self._parts("crops.parquet")))
+            part = _part_name(len(self._part_names("crops.parquet")))
             image_row = pd.DataFrame([{**image, "n_crops": len(crops), "first_crop": start}])
             atomic_write_parquet(self.path / "images.parquet" / part, image_row)
             rows = table.reset_index(drop=True).copy()
