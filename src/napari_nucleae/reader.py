@@ -1,18 +1,17 @@
 """Reopen a napari-nucleae project folder in napari (npe2 reader).
 
-A project keeps crops and a table, not the segmentation, so labels are not re-derived
-(that would mean segmenting again with settings the project does not record). A project
-opens as:
+A project opens as:
 
 - each source image whose file still exists (``images.parquet`` ``path``; images that were
   napari layers only have a layer name there and are skipped), and
-- per image, a Points layer at the nucleus centroids whose features are that image's rows
-  of the project table: provenance, measurements and every analysis column (mse,
-  projections, cluster, outlier).
+- per image, its stored segmentation as a Labels layer whose features hold that image's rows
+  of the project table by label (measurements and every analysis column: mse, projections,
+  cluster, outlier), exactly as "Segment & crop nuclei" and the analysis widgets left them;
+- for images ingested before segmentations were stored, a Points layer at the nucleus
+  centroids with the rows as features (stacks get (plane, y, x) points).
 
-The Points layers carry the same ``metadata["nucleae"]`` (image id, project folder) as the
-Labels layers of "Segment & crop nuclei", so the analysis widgets link them too: selections
-ring the points, clicks on a point pick its nucleus. Stacks get (plane, y, x) points.
+Both carry ``metadata["nucleae"]`` (image id, project folder), so the analysis widgets link
+them: selections highlight the nuclei, clicks pick them.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import pandas as pd
 
 from .core.ingest import read_image
 from .core.store import Project
-from .widgets._nuclei import KEY
+from .widgets._nuclei import KEY, labels_features
 
 LayerData = tuple[object, dict, str]
 
@@ -53,9 +52,19 @@ def read_project(path: str | os.PathLike | list) -> list[LayerData]:
         if source.is_file():
             layers.append((read_image(source), {"name": name, "metadata": metadata}, "image"))
         rows = table[table["image_id"].astype(str) == str(record.image_id)]
-        if len(rows):
+        labels = project.read_labels(str(record.image_id))
+        if labels is not None:
+            layers.append(nuclei_labels(np.asarray(labels), rows, f"{name} nuclei", metadata))
+        elif len(rows):
             layers.append(nuclei_points(rows, f"{name} nuclei", metadata))
     return layers
+
+
+def nuclei_labels(labels: np.ndarray, rows: pd.DataFrame, name: str, metadata: dict) -> LayerData:
+    """A Labels layer of the stored segmentation with the rows as features by label."""
+    features, names = labels_features(rows, int(labels.max(initial=0)))
+    metadata = {KEY: {**metadata[KEY], "categories": names}}
+    return labels, {"name": name, "features": features, "metadata": metadata}, "labels"
 
 
 def nuclei_points(rows: pd.DataFrame, name: str, metadata: dict) -> LayerData:

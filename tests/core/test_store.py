@@ -120,3 +120,25 @@ def test_categorical_features_stay_categorical(tmp_path):
     assert list(table["outlier"].cat.categories) == ["low", "normal", "high"]
     assert table["cluster"].tolist() == [2, 0, 2]
     assert isinstance(table["cluster"].dtype, pd.CategoricalDtype)
+
+
+def test_segmentations_are_stored_per_image_and_replaced(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    labels = np.zeros((2, 1500, 40), dtype=np.uint32)
+    labels[1, 1200:1210, 5:9] = 70_000
+    project.write_labels("abc123", labels)
+    stored = project.read_labels("abc123")
+    np.testing.assert_array_equal(stored[...], labels)
+    assert stored.chunks == (1, 1024, 40)
+    assert project.read_labels("other") is None
+
+    project.write_labels("abc123", labels[:1])  # a re-ingest replaces it
+    assert project.read_labels("abc123").shape == (1, 1500, 40)
+    odd = "folder/../name with spaces"  # never a path outside labels/
+    project.write_labels(odd, labels[0, :10])
+    assert project.labels_path(odd).parent == project.path / "labels"
+    np.testing.assert_array_equal(project.read_labels(odd)[...], labels[0, :10])
+    assert sorted(p.name.startswith(".") for p in (project.path / "labels").iterdir()) == [
+        False,
+        False,
+    ]

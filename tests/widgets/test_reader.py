@@ -1,7 +1,11 @@
+import shutil
+
+import napari
 import numpy as np
 import pandas as pd
 import tifffile
 
+from napari_nucleae.core.explore import outlier_flags
 from napari_nucleae.core.ingest import IngestParams, add_to_project, process_image
 from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
@@ -17,43 +21,93 @@ def test_reader_only_claims_project_folders(tmp_path, analysed):
     assert get_reader([str(analysed.path), str(tmp_path)]) is None
 
 
-def test_reopened_project_shows_images_and_linked_nuclei(make_napari_viewer, tmp_path, synthetic):
-    image, _ = synthetic
+def _project_with_analysis(tmp_path, image):
     path = tmp_path / "nuclei.tif"
     tifffile.imwrite(path, image)
     params = IngestParams(
         segment=SegmentParams(method="classical", diameter=16), crop=CropParams(size=32)
     )
     project = Project.create(tmp_path / "project", params.crop)
-    add_to_project(project, process_image(image, params, image_id="img", path=str(path)))
+    result = process_image(image, params, image_id="img", path=str(path))
+    add_to_project(project, result)
     rng = np.random.default_rng(0)
-    clusters = pd.Categorical([1] * len(project))  # as analysis.compute_clusters stores it
-    project.write_features(pd.DataFrame({"mse": rng.random(len(project)), "cluster": clusters}))
+    table = project.table()
+    project.write_features(
+        pd.DataFrame(
+            {
+                "mse": rng.random(len(project)),
+                "cluster": pd.Categorical([1] * len(project)),  # as compute_clusters stores it
+                "outlier": outlier_flags(rng.random(len(project)), 10, 10),
+                "PC_0": table["centroid_x"],  # a stored projection; centroids stand in for one
+                "PC_1": table["centroid_y"],
+            }
+        )
+    )
+    return project, result.segmentation.labels
 
+
+def test_reopened_project_restores_images_labels_and_analysis(
+    make_napari_viewer, tmp_path, synthetic, visible_labels
+):
+    image, _ = synthetic
+    image = image.copy()
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    image[(yy**2 + (xx - image.shape[1] // 2) ** 2) < 81] = image.max()  # cut by the border
+    project, labels = _project_with_analysis(tmp_path, image)
     viewer = make_napari_viewer()
     viewer.open(str(project.path), plugin="napari-nucleae")
     assert [layer.name for layer in viewer.layers] == ["nuclei", "nuclei nuclei"]
     np.testing.assert_array_equal(viewer.layers["nuclei"].data, image)
-    points = viewer.layers["nuclei nuclei"]
-    table = project.table()
-    np.testing.assert_allclose(points.data, table[["centroid_y", "centroid_x"]])
-    assert points.features["label"].tolist() == table["label"].tolist()
-    np.testing.assert_allclose(points.features["mse"], table["mse"])
-    assert points.features["cluster"].dtype == "category"
-    assert points.metadata["nucleae"] == {"image_id": "img", "project": str(project.path)}
+    nuclei = viewer.layers["nuclei nuclei"]
+    assert isinstance(nuclei, napari.layers.Labels)
+    np.testing.assert_array_equal(nuclei.data, labels)
 
-    # the analysis widgets link the reopened points: box → rings, click → plot mark
-    # (a stored projection is enough for the explorer; here the centroids stand in for one)
-    project.write_features(pd.DataFrame({"PC_0": table["centroid_x"], "PC_1": table["centroid_y"]}))
+    # features: one row per label (row i <-> label i + 1), the project rows placed by label
+    table = project.table()
+    features = nuclei.features
+    assert features["label"].tolist() == list(range(1, labels.max() + 1))
+    by_label = features.set_index("label")
+    np.testing.assert_allclose(by_label.loc[table["label"], "mse"], table["mse"])
+    uncropped = sorted(set(range(1, labels.max() + 1)) - set(table["label"]))
+    assert uncropped, "the nucleus cut by the border is segmented but not cropped"
+    assert by_label.loc[uncropped, "mse"].isna().all()
+    names = nuclei.metadata["nucleae"]["categories"]
+    assert names["cropped"] == ["no", "yes"] and names["outlier"] == ["low", "normal", "high"]
+    assert (by_label.loc[table["label"], "cropped"] == 1).all()
+    outlier = [names["outlier"][c] for c in by_label.loc[table["label"], "outlier"]]
+    assert outlier == list(table["outlier"])
+    assert nuclei.metadata["nucleae"]["image_id"] == "img"
+
+    # the analysis widgets link the reopened labels: box -> highlighted nuclei, click -> mark
     widget = ExplorerWidget(viewer)
     assert widget.columns == ("PC_0", "PC_1")
     rows = widget.plot.select_box(0, 0, 128, 256)
     highlight = viewer.layers["nuclei nuclei [selection]"]
-    np.testing.assert_allclose(highlight.data, points.data[rows])
+    assert visible_labels(highlight, nuclei) == set(table.loc[rows, "label"])
     row = 4
-    pick = Picker.of(viewer).pick_at(points.data[row])
+    pick = Picker.of(viewer).pick_at(table.loc[row, ["centroid_y", "centroid_x"]].to_numpy())
     assert pick.label == table.at[row, "label"]
     np.testing.assert_allclose(np.c_[widget.plot._mark.get_data()], [widget.plot.xy[row]])
+
+
+def test_projects_without_stored_labels_reopen_as_centroid_points(
+    make_napari_viewer, tmp_path, synthetic
+):
+    image, _ = synthetic
+    project, _ = _project_with_analysis(tmp_path, image)
+    shutil.rmtree(project.path / "labels")  # a project ingested before labels were stored
+    viewer = make_napari_viewer()
+    viewer.open(str(project.path), plugin="napari-nucleae")
+    points = viewer.layers["nuclei nuclei"]
+    assert isinstance(points, napari.layers.Points)
+    table = project.table()
+    np.testing.assert_allclose(points.data, table[["centroid_y", "centroid_x"]])
+    assert points.features["label"].tolist() == table["label"].tolist()
+    np.testing.assert_allclose(points.features["mse"], table["mse"])
+    assert points.metadata["nucleae"] == {"image_id": "img", "project": str(project.path)}
+    widget = ExplorerWidget(viewer)
+    rows = widget.plot.select_box(0, 0, 128, 256)
+    np.testing.assert_allclose(viewer.layers["nuclei nuclei [selection]"].data, points.data[rows])
 
 
 def test_manifest_registers_the_viewer_widgets_and_the_reader():

@@ -196,7 +196,9 @@ def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult:
 
 
 def add_to_project(project: Project, result: ImageResult) -> range:
-    """Append one processed image to the project (an image with no nuclei adds no crops)."""
+    """Store one processed image's segmentation and append its crops to the project (an
+    image with no nuclei adds no crops)."""
+    project.write_labels(result.record["image_id"], result.segmentation.labels)
     if result.crops is None:
         return project.append(
             result.record, np.zeros((0, project.crop_size, project.crop_size)), pd.DataFrame()

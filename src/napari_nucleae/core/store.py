@@ -9,6 +9,7 @@ Layout::
     features.parquet      derived per-crop columns (mse, projections, clusters...), N rows
     models/<name>/        checkpoints
     latents/<name>.zarr   (N, D) float32
+    labels/<image>.zarr   each image's segmentation (so a reopened project shows its nuclei)
 
 The crops part file is the commit point of an append: the crops array is grown and written
 first, then the images part, then the crops part is renamed into place. Opening a project
@@ -18,8 +19,11 @@ the table always agree in length after any failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -399,3 +403,33 @@ class Project:
     def set_active_model(self, name: str | None) -> None:
         self.meta.active_model = name
         self._touch()
+
+    # ------------------------------------------------------------------ segmentations
+    def labels_path(self, image_id: str) -> Path:
+        """Where an image's segmentation is kept (ids that are not plain file names are
+        hashed)."""
+        name = str(image_id)
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", name):
+            name = hashlib.sha1(name.encode()).hexdigest()[:16]
+        return self.path / "labels" / f"{name}.zarr"
+
+    def write_labels(self, image_id: str, labels: np.ndarray) -> None:
+        """Store an image's label image (compressed, in 1024-pixel tiles per plane), written
+        beside its place and renamed in, replacing an earlier one."""
+        labels = np.asarray(labels)
+        final = self.labels_path(image_id)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        chunks = (*(1,) * (labels.ndim - 2), *(min(1024, n) for n in labels.shape[-2:]))
+        out = zarr.open_array(
+            str(tmp), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
+        )
+        out[...] = labels
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def read_labels(self, image_id: str) -> zarr.Array | None:
+        """An image's stored segmentation (lazy), or None when the project has none."""
+        path = self.labels_path(image_id)
+        return zarr.open_array(str(path), mode="r") if path.is_dir() else None

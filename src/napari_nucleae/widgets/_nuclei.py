@@ -149,6 +149,31 @@ def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical
     return out
 
 
+def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, dict]:
+    """Features of a Labels layer with labels 1..``n_labels`` from the project rows of its
+    nuclei: a ``label`` column, a ``cropped`` flag, and every numeric or categorical column
+    placed by label (see :func:`layer_column`); also the names of text category codes."""
+    labels = rows["label"].to_numpy(np.int64)
+    inside = (labels >= 1) & (labels <= n_labels)
+    rows, where = rows[inside], labels[inside] - 1
+    cropped = np.zeros(n_labels, dtype=np.int64)
+    cropped[where] = 1
+    columns = {"label": np.arange(1, n_labels + 1)}
+    columns["cropped"] = pd.Categorical.from_codes(cropped, categories=range(2))
+    names = {"cropped": ["no", "yes"]}
+    for column in rows.columns:
+        values = rows[column]
+        if column in columns or not (
+            isinstance(values.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_numeric_dtype(values.dtype)
+        ):
+            continue
+        columns[column] = layer_column(values, where, n_labels)
+        if _text_categories(values):
+            names[column] = [str(c) for c in values.cat.categories]
+    return pd.DataFrame(columns), names
+
+
 def _text_categories(values: pd.Series) -> bool:
     dtype = values.dtype
     return isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
