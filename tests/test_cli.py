@@ -1,12 +1,16 @@
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 
 from napari_nucleae.cli import main
-from napari_nucleae.core.store import Project
+from napari_nucleae.core.embed import embed
+from napari_nucleae.core.model import ModelConfig
+from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.core.train import train
 from napari_nucleae.sample import bbbc007_paths
 
 
@@ -88,3 +92,37 @@ def test_user_errors_exit_non_zero_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["ingest", "--method", "nonsense"])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture
+def embedded(tmp_path) -> Project:
+    """A small project of random crops with a PCA model and its latents."""
+    project = Project.create(tmp_path / "project", CropParams(size=16))
+    rng = np.random.default_rng(0)
+    for image_id in ("a", "b"):
+        crops = rng.random((20, 16, 16), dtype=np.float32)
+        project.append({"image_id": image_id}, crops, pd.DataFrame({"label": np.arange(1, 21)}))
+    train(project, ModelConfig("pca", 16, latent_dim=4), 1, device="cpu")
+    embed(project, device="cpu")
+    return project
+
+
+def test_represent_export_to_an_unwritable_place_fails_cleanly(
+    embedded, tmp_path, capsys, monkeypatch
+):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    command = ["represent", "--project", str(embedded.path), "--top", "2", "--export"]
+    assert main([*command, str(blocker / "reps")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot export to {blocker / 'reps'}: {blocker} is a file, not a folder" in err
+    assert "Traceback" not in err
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tifffile, "imwrite", refuse)
+    assert main([*command, str(tmp_path / "reps")]) == 1
+    err = capsys.readouterr().err
+    assert "Permission denied; choose a folder you can write to" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]

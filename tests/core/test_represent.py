@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from napari_nucleae.core.errors import InputError, NucleaeError
 from napari_nucleae.core.represent import (
     ExportExistsError,
+    ExportWriteError,
     center,
     export_representatives,
     geometric_median,
@@ -325,6 +326,32 @@ def test_export_never_overwrites_silently(tmp_path, export_inputs):
     assert isinstance(info.value, FileExistsError) and isinstance(info.value, NucleaeError)
     files = export_representatives(table, lambda i: crops[i], provenance, out, overwrite=True)
     assert len([p for p in files if p.suffix == ".png"]) == len(table) + 1  # + montage
+
+
+def test_export_under_a_file_is_a_clear_error(tmp_path, export_inputs):
+    crops, table, provenance, _ = export_inputs
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    for out in (blocker / "export", blocker / "deeper" / "export"):
+        with pytest.raises(ExportWriteError, match=re.escape(f"{blocker} is a file, not a folder")):
+            export_representatives(table, lambda i: crops[i], provenance, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("fails", ["tifffile.imwrite", "PIL.Image.Image.save"])
+def test_a_refused_write_is_a_clear_error_and_leaves_nothing(
+    tmp_path, export_inputs, monkeypatch, fails
+):
+    crops, table, provenance, _ = export_inputs
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fails, refuse)
+    with pytest.raises(ExportWriteError, match="export: Permission denied; choose a folder"):
+        export_representatives(table, lambda i: crops[i], provenance, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+    assert issubclass(ExportWriteError, NucleaeError)
 
 
 def test_export_by_position_and_bad_formats(tmp_path, export_inputs):

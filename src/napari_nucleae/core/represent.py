@@ -45,6 +45,10 @@ class ExportExistsError(NucleaeError, FileExistsError):
     """The export folder already holds files and overwriting was not requested."""
 
 
+class ExportWriteError(NucleaeError):
+    """The export folder cannot be created or written (its staging folder is removed)."""
+
+
 # ---------------------------------------------------------------------------- lazy row views
 @dataclass(frozen=True)
 class RowView:
@@ -565,7 +569,8 @@ def export_representatives(
     (group, center, metric), theoretical image first. Files are written to a hidden staging
     folder beside ``out_dir`` and moved in at the end. A non-empty ``out_dir`` raises
     :class:`ExportExistsError` unless ``overwrite`` (then same-named files are replaced and
-    other files are left alone).
+    other files are left alone). A folder that cannot be written (a file in its path, no
+    permission, a full disk) raises :class:`ExportWriteError`, and the staging is removed.
     """
     formats = tuple(formats)
     if not formats or not set(formats) <= {"tiff", "png"}:
@@ -592,10 +597,10 @@ def export_representatives(
         raise InputError("the table repeats a (group, center, metric, rank) row")
     unique, inverse = np.unique(table["crop_index"].to_numpy(np.int64), return_inverse=True)
     images = np.asarray(crops_reader(unique))[inverse] if len(unique) else np.empty((0, 1, 1))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         files = {
             fmt: [
                 _write_image(staging, stem, image, fmt, png_range)
@@ -614,8 +619,22 @@ def export_representatives(
             csv[f"{fmt}_file"] = files[fmt]
         csv.to_csv(staging / "representatives.csv", index=False)
         return _move_into(staging, out_dir)
+    except OSError as err:
+        raise _write_error(out_dir, err) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(out_dir: Path, err: OSError) -> ExportWriteError:
+    """Why ``out_dir`` could not be written, in words (a file in the way, permissions ...)."""
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    else:
+        reason = err.strerror or str(err)
+    return ExportWriteError(
+        f"cannot export to {out_dir}: {reason}; choose a folder you can write to"
+    )
 
 
 def _write_image(
