@@ -101,7 +101,8 @@ def embedded(tmp_path) -> Project:
     rng = np.random.default_rng(0)
     for image_id in ("a", "b"):
         crops = rng.random((20, 16, 16), dtype=np.float32)
-        project.append({"image_id": image_id}, crops, pd.DataFrame({"label": np.arange(1, 21)}))
+        table = pd.DataFrame({"image_id": image_id, "label": np.arange(1, 21)})
+        project.append({"image_id": image_id}, crops, table)
     train(project, ModelConfig("pca", 16, latent_dim=4), 1, device="cpu")
     embed(project, device="cpu")
     return project
