@@ -227,3 +227,36 @@ def test_hovering_a_point_shows_its_crop(make_napari_viewer, qtbot, analysed, sh
     shown = plot._hover.offsetbox.get_data()
     expected = Project.open(analysed.path).read_crops([row])[0]
     np.testing.assert_allclose(shown, expected)
+
+
+def test_hdbscan_clusters_match_scikit_learn_and_reach_the_layers(
+    make_napari_viewer, qtbot, analysed, show_project
+):
+    viewer = make_napari_viewer()
+    layers = show_project(viewer, analysed)
+    widget = ExplorerWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.projection.value = "PCA"
+    widget.cluster_method.value = "HDBSCAN"
+    assert widget.clusters.native.isHidden() and not widget.min_cluster_size.native.isHidden()
+    widget.min_cluster_size.value = 5
+    widget.compute_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.table is not None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+
+    from sklearn.cluster import HDBSCAN
+
+    from napari_nucleae.core.embed import read_latents
+
+    project = Project.open(analysed.path)
+    expected = HDBSCAN(min_cluster_size=5).fit_predict(np.asarray(read_latents(project)))
+    stored = project.table()["cluster"]
+    np.testing.assert_array_equal(stored.astype(int), expected)
+    cropped = layers[0].features.dropna(subset=["crop_index"])
+    mine = stored.to_numpy()[cropped["crop_index"].astype(int)]
+    np.testing.assert_array_equal(cropped["cluster"].astype(int), mine)
+
+    widget.cluster_method.value = "none"
+    widget.compute_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    np.testing.assert_array_equal(Project.open(analysed.path).table()["cluster"], stored)

@@ -78,13 +78,20 @@ def compute_clusters(
     method: str = "kmeans",
     *,
     n_clusters: int = 8,
+    min_cluster_size: int = 15,
     metric: str = "euclidean",
     model: str | None = None,
     seed: int = 0,
 ) -> pd.Categorical:
-    """Cluster the latents and store a categorical ``cluster`` feature."""
+    """Cluster the latents (k-means, or HDBSCAN with -1 for noise) and store a categorical
+    ``cluster`` feature."""
     labels = cluster_latents(
-        latents_of(project, model), method, n_clusters=n_clusters, metric=metric, seed=seed
+        latents_of(project, model),
+        method,
+        n_clusters=n_clusters,
+        min_cluster_size=min_cluster_size,
+        metric=metric,
+        seed=seed,
     )
     columns = as_feature_columns(clusters=labels)
     project.write_features(columns)

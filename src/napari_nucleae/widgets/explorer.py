@@ -43,6 +43,7 @@ from ._nuclei import Highlighter, NucleusIndex, Pick, write_columns
 from ._settings import remember
 
 PROJECTIONS = {"UMAP": "umap", "t-SNE": "tsne", "PCA": "pca"}
+CLUSTERINGS = {"k-means": "kmeans", "HDBSCAN": "hdbscan", "none": None}
 TITLES = {"UMAP": "UMAP", "TSNE": "t-SNE", "PC": "PCA"}  # by column prefix
 MAX_DRAWN = 50_000
 HOVER_RADIUS = 5.0  # display pixels
@@ -136,19 +137,27 @@ def compute_map(
     *,
     metric: str,
     components: tuple[int, int],
-    n_clusters: int,
+    clustering: str | None = "kmeans",
+    n_clusters: int = 8,
+    min_cluster_size: int = 15,
     progress=None,
     should_stop=None,
 ) -> tuple[pd.DataFrame, tuple[str, str], list[str]]:
-    """Project (and cluster) the latents; returns the updated table, the x, y columns and
-    the derived (feature) columns."""
+    """Project the latents and cluster them (``clustering``: kmeans, hdbscan or None);
+    returns the updated table, the x, y columns and the derived (feature) columns."""
     compute_projection(project, method, metric=metric, components=components, progress=progress)
     if should_stop is not None and should_stop():
         raise InterruptedError("stopped after the projection; clusters were not updated")
-    if n_clusters:
+    if clustering is not None:
         if progress is not None:
-            progress(0, 0, f"k-means, {n_clusters} clusters")
-        compute_clusters(project, n_clusters=min(n_clusters, len(project)), metric=metric)
+            progress(0, 0, f"{clustering} clustering")
+        compute_clusters(
+            project,
+            clustering,
+            n_clusters=min(n_clusters, len(project)),
+            min_cluster_size=min_cluster_size,
+            metric=metric,
+        )
     return project.table(), projection_columns(method, components), derived_columns(project)
 
 
@@ -326,7 +335,16 @@ class ExplorerWidget(Container):
         self.pc_x = SpinBox(value=0, min=0, max=4095, label="PC on x", visible=False)
         self.pc_y = SpinBox(value=1, min=0, max=4095, label="PC on y", visible=False)
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
-        self.clusters = SpinBox(value=8, min=0, max=100, label="k-means clusters (0: none)")
+        self.cluster_method = ComboBox(
+            choices=list(CLUSTERINGS),
+            value="k-means",
+            label="clustering",
+            tooltip="HDBSCAN finds the number of clusters itself and leaves noise out (-1)",
+        )
+        self.clusters = SpinBox(value=8, min=1, max=100, label="clusters")
+        self.min_cluster_size = SpinBox(
+            value=15, min=2, max=100_000, label="min cluster size", visible=False
+        )
         self.compute_button = PushButton(text="Compute")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.colourable: list[str] = []  # callable choices survive napari's reset_choices()
@@ -344,7 +362,9 @@ class ExplorerWidget(Container):
                 self.pc_x,
                 self.pc_y,
                 self.metric,
+                self.cluster_method,
                 self.clusters,
+                self.min_cluster_size,
                 self.compute_button,
                 self.cancel_button,
                 self.color_by,
@@ -367,6 +387,7 @@ class ExplorerWidget(Container):
         self.plot.hovered.connect(self.show_hovered)
         self._crops: Project | None = None  # the project crops are read from on hover
         self.projection.changed.connect(self._projection_changed)
+        self.cluster_method.changed.connect(self._clustering_changed)
         self.project.changed.connect(self.load)
         self.compute_button.changed.connect(self.compute)
         self.cancel_button.changed.connect(self.jobs.cancel)
@@ -397,6 +418,10 @@ class ExplorerWidget(Container):
 
     def _projection_changed(self, value: str) -> None:
         self.pc_x.visible = self.pc_y.visible = value == "PCA"
+
+    def _clustering_changed(self, value: str) -> None:
+        self.clusters.visible = value == "k-means"
+        self.min_cluster_size.visible = value == "HDBSCAN"
 
     def show_table(self, table: pd.DataFrame, columns: tuple[str, str], derived: list[str]) -> None:
         """Adopt a project table: plot ``columns``, link the layers and copy the ``derived``
@@ -471,7 +496,9 @@ class ExplorerWidget(Container):
             method,
             metric=self.metric.value,
             components=(self.pc_x.value, self.pc_y.value),
+            clustering=CLUSTERINGS[self.cluster_method.value],
             n_clusters=self.clusters.value,
+            min_cluster_size=self.min_cluster_size.value,
             desc=f"{self.projection.value} projection",
             on_returned=lambda result: self.show_table(*result),
             on_errored=self._failed,
