@@ -98,3 +98,19 @@ def test_explore_from_clicked_nuclei(
         name = f"{layer.name} [similar]"
         shown_here = visible_labels(viewer.layers[name], layer) if name in viewer.layers else set()
         assert shown_here == want
+
+    # a new crop image as the query: an image layer holding crop 7 finds crop 7 first
+    project = Project.open(analysed.path)
+    viewer.add_image(project.read_crops([7])[0], name="my crop")
+    widget.reset_choices()
+    widget.query_image.value = viewer.layers["my crop"]
+    _run(qtbot, widget, widget.search_button)
+    similar = viewer.layers["similar to my crop"]
+    assert similar.metadata["crop_index"][:2] == [-1, 7]
+    np.testing.assert_allclose(similar.data[0], similar.data[1])
+    assert widget.status.value.startswith("my crop (first) and its 4 nearest")
+    viewer.add_image(np.zeros((10, 10)), name="wrong size")
+    widget.reset_choices()
+    widget.query_image.value = viewer.layers["wrong size"]
+    _run(qtbot, widget, widget.search_button)
+    assert "must be a 32×32 crop" in widget.status.value

@@ -202,17 +202,30 @@ def search_similar(
         _check_index(project, int(query))
         vector, exclude = np.asarray(latents[int(query)]), [int(query)]
     else:
-        image = np.asarray(query, dtype=np.float32)
-        if image.shape != (project.crop_size, project.crop_size):
-            raise InputError(
-                f"the query image is {image.shape}; it must be a "
-                f"{project.crop_size}×{project.crop_size} crop"
-            )
-        vector = loaded.encode(image[np.newaxis])[0]
+        vector = loaded.encode(query_crop(project, query)[np.newaxis])[0]
     index, score = nearest(latents, vector, k=k, metric=metric, exclude=exclude)
     table = project.table()
     found = table.iloc[index][[c for c in PROVENANCE if c in table]]
     return found.assign(score=score, rank=np.arange(1, len(index) + 1)).reset_index(drop=True)
+
+
+def query_crop(project: Project, image: np.ndarray) -> np.ndarray:
+    """A new crop image ready to encode: ``S×S`` float32 in [0, 1]. A float image already in
+    [0, 1] (an exported crop) is used as it is; any other is scaled by the project's
+    percentiles and clipped."""
+    image = np.squeeze(np.asarray(image))
+    if image.shape != (project.crop_size, project.crop_size):
+        raise InputError(
+            f"the query image is {image.shape}; it must be a "
+            f"{project.crop_size}×{project.crop_size} crop like the project's"
+        )
+    if not np.isfinite(image).all():
+        raise InputError("the query image holds NaN or infinite values")
+    if np.issubdtype(image.dtype, np.floating) and image.min() >= 0 and image.max() <= 1:
+        return image.astype(np.float32)
+    lo, hi = np.percentile(image.astype(np.float64), project.meta.crop.percentiles)
+    scaled = (image - lo) / (hi - lo if hi > lo else 1.0)
+    return np.clip(scaled, 0, 1).astype(np.float32)
 
 
 def _check_index(project: Project, *indices: int) -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, create_widget
 
-from ..core.analysis import interpolate_crops, search_similar
+from ..core.analysis import interpolate_crops, query_crop, search_similar
 from ..core.explore import METRICS
 from ..core.store import Project
 from ._common import add_progress, follow_picks, open_project, project_field, show_gallery
@@ -22,17 +22,22 @@ FOUND_COLOR = (0.0, 0.9, 1.0, 1.0)
 
 def similar_crops(
     project: Project,
-    query: int,
+    query: int | np.ndarray,
     *,
     k: int,
     metric: str,
     progress=None,
     should_stop=None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Worker body: the ``k`` nearest crops and a stack of the query followed by them."""
+    """Worker body: the ``k`` nearest crops to a crop of the project (by index) or to a new
+    crop image, and a stack of the query followed by them."""
     found = search_similar(project, query, k=k, metric=metric)
-    rows = np.r_[query, found["crop_index"].to_numpy(np.int64)]
-    return found, project.read_crops(rows)
+    crops = project.read_crops(found["crop_index"].to_numpy(np.int64))
+    if isinstance(query, np.ndarray):
+        first = query_crop(project, query)
+    else:
+        first = project.read_crops([query])[0]
+    return found, np.concatenate([first[np.newaxis], crops])
 
 
 def interpolation(
@@ -54,6 +59,14 @@ class ExploreWidget(Container):
         self.steps = SpinBox(value=8, min=2, max=64, label="steps")
         self.interpolate_button = PushButton(text="Interpolate")
         self.query = SpinBox(value=0, min=0, max=10**9, label="query crop")
+        self.query_image = create_widget(
+            annotation=napari.layers.Image | None,
+            label="or query image",
+            options={
+                "tooltip": "an image layer holding one crop-sized nucleus image "
+                "(e.g. an exported crop); it is encoded with the model"
+            },
+        )
         self.k = SpinBox(value=10, min=1, max=500, label="neighbours")
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
         self.search_button = PushButton(text="Find similar nuclei")
@@ -67,6 +80,7 @@ class ExploreWidget(Container):
                 self.steps,
                 self.interpolate_button,
                 self.query,
+                self.query_image,
                 self.k,
                 self.metric,
                 self.search_button,
@@ -127,7 +141,8 @@ class ExploreWidget(Container):
         project = open_project(self.project)
         if project is None:
             return
-        query = self.query.value
+        layer = self.query_image.value
+        query = self.query.value if layer is None else np.asarray(layer.data)
         self._start(
             similar_crops,
             project,
@@ -139,15 +154,23 @@ class ExploreWidget(Container):
         )
 
     def _show_similar(
-        self, found: pd.DataFrame, stack: np.ndarray, query: int, project: Project
+        self, found: pd.DataFrame, stack: np.ndarray, query: int | np.ndarray, project: Project
     ) -> None:
-        rows = np.r_[query, found["crop_index"].to_numpy(np.int64)]
-        show_gallery(self.viewer, f"similar to crop {query}", stack, crops=rows.tolist())
+        rows = found["crop_index"].to_numpy(np.int64)
+        colors = np.array([FOUND_COLOR] * len(found)).reshape(-1, 4)
+        if isinstance(query, np.ndarray):
+            name = f"similar to {self.query_image.value.name}"
+            described = f"{self.query_image.value.name} (first)"
+            crops = [-1, *rows.tolist()]
+        else:
+            rows, colors = np.r_[query, rows], np.r_[[QUERY_COLOR], colors]
+            name, described = f"similar to crop {query}", f"crop {query} (red)"
+            crops = rows.tolist()
+        show_gallery(self.viewer, name, stack, crops=crops)
         if self.index is None:
             self.index = NucleusIndex.from_table(project.table())
-        colors = np.array([QUERY_COLOR] + [FOUND_COLOR] * len(found))
         self.highlight.show(self.index, rows, colors)
-        self.status.value = f"crop {query} (red) and its {len(found)} nearest crops (cyan)"
+        self.status.value = f"{described} and its {len(found)} nearest crops (cyan)"
 
     def _start(self, func, *args, **kwargs) -> None:
         self._busy(True)
