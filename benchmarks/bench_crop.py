@@ -1,6 +1,9 @@
 """Crop extraction: napari-nucleae's vectorised pass vs a per-nucleus regionprops loop.
 
 python benchmarks/bench_crop.py [--side 2048] [--nuclei 2000] [--size 64]
+
+The image is synthetic nuclei stored as uint16, as 16-bit cameras write them; each method's
+time is the best of three runs.
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ def baseline(image: np.ndarray, labels: np.ndarray, size: int, measure: bool) ->
     return np.stack(crops)
 
 
-def timed(func, *args) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = func(*args)
-    return time.perf_counter() - start, out
+def timed(func, *args, repeat: int = 3) -> tuple[float, object]:
+    """The best of ``repeat`` wall times (the least disturbed run) and the result."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = func(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, out
 
 
 def main() -> None:
@@ -63,6 +70,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "crop.json")
     args = parser.parse_args()
     image, labels = synthetic_nuclei((args.side, args.side), args.nuclei, radius=(5, 9), seed=0)
+    image = (image * 60_000).astype(np.uint16)  # as a 16-bit camera writes it
     params = CropParams(size=args.size)
     t_ours, ours = timed(crop_nuclei, image, labels, params)
     t_base, base = timed(baseline, image, labels, args.size, True)

@@ -4,7 +4,7 @@ import pytest
 from skimage.draw import ellipse
 from skimage.measure import regionprops_table
 
-from napari_nucleae.core.crop import crop_nuclei, measure_plane
+from napari_nucleae.core.crop import crop_nuclei, gather_windows, measure_plane, plane_percentiles
 from napari_nucleae.core.errors import InputError, NoNucleiError
 from napari_nucleae.core.store import CropParams
 
@@ -126,3 +126,25 @@ def test_one_pixel_nuclei_are_cropped():
     result = crop_nuclei(image, labels, CropParams(size=16, normalize="none"))
     assert result.crops.shape == (1, 16, 16)
     assert result.crops[0, 8, 8] == 1.0 and result.crops.sum() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_plane_percentiles_equal_numpy(dtype):
+    rng = np.random.default_rng(1)
+    top = 255 if dtype == np.uint8 else 60_000
+    plane = (rng.gamma(2.0, top / 12, (301, 157)).clip(0, top)).astype(dtype)
+    for pcts in [(1.0, 99.8), (0.0, 100.0), (37.3, 50.0)]:
+        np.testing.assert_allclose(plane_percentiles(plane, pcts), np.percentile(plane, pcts))
+    constant = np.full((5, 5), 7, dtype=dtype)
+    assert plane_percentiles(constant, (1.0, 99.8)) == (7.0, 7.0)
+
+
+def test_windows_near_the_border_read_zero_outside():
+    plane = np.arange(1, 101, dtype=np.float32).reshape(10, 10)
+    corners = np.array([[2, 3], [-2, -1], [7, 8], [-5, 20]])
+    windows = gather_windows(plane, corners, 4)
+    padded = np.pad(plane, 30)
+    for window, (r, c) in zip(windows, corners + 30, strict=True):
+        np.testing.assert_array_equal(window, padded[r : r + 4, c : c + 4])
+    tiny = gather_windows(plane[:3, :3], np.array([[-1, -1]]), 5)  # a plane smaller than a crop
+    np.testing.assert_array_equal(tiny[0], np.pad(plane[:3, :3], ((1, 1), (1, 1))))
