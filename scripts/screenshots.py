@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nucleae-numba"))
+# the widgets start from their defaults, whatever the user last chose
+os.environ["NUCLEAE_SETTINGS"] = os.path.join(tempfile.mkdtemp(), "widgets.json")
 
 import napari  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,7 +36,8 @@ from napari_nucleae.widgets.explore import ExploreWidget  # noqa: E402
 from napari_nucleae.widgets.explorer import ExplorerWidget  # noqa: E402
 from napari_nucleae.widgets.outliers import OutliersWidget  # noqa: E402
 from napari_nucleae.widgets.represent import RepresentWidget  # noqa: E402
-from napari_nucleae.widgets.segment import features_table  # noqa: E402
+from napari_nucleae.widgets.segment import SegmentWidget, features_table  # noqa: E402
+from napari_nucleae.widgets.train import TrainWidget  # noqa: E402
 
 PARAMS = IngestParams(
     segment=SegmentParams(method="classical", diameter=17), crop=CropParams(size=32)
@@ -103,6 +106,7 @@ def main() -> None:
 
     viewer = napari.Viewer()
     viewer.window.resize(1500, 950)
+    segment_screenshot(viewer, args.out, folder.parent / "segmented")
     name, image, labels, features, image_id = shown[0]
     viewer.add_image(image, name=name)
     viewer.add_labels(
@@ -170,7 +174,45 @@ def main() -> None:
         layer.visible = layer.name in (name, f"{name} nuclei") or "similar" in layer.name
     viewer.dims.set_current_step(0, 0)
     snap(viewer, args.out, "explore")
+    viewer.window.remove_dock_widget(handle)
+    for layer in viewer.layers:
+        layer.visible = layer.name in (name, f"{name} nuclei")
+    train_screenshot(viewer, args.out, folder, args.epochs)
     viewer.close()
+
+
+def segment_screenshot(viewer: napari.Viewer, out: Path, folder: Path) -> None:
+    """Segment one image into its own project with the classical method."""
+    path = bbbc007_paths()[-1]
+    layer = viewer.add_image(tifffile.imread(path), name=path.stem)
+    widget = SegmentWidget(viewer)
+    handle = viewer.window.add_dock_widget(widget, name="Segment & crop nuclei", area="right")
+    widget.image.value = layer
+    widget.method.value = "classical"
+    widget.diameter.value = 17.0
+    widget.crop_size.value = 32
+    widget.project.value = folder
+    widget.run_button.clicked.emit()
+    wait(widget)
+    snap(viewer, out, "segment")
+    viewer.window.remove_dock_widget(handle)
+    viewer.layers.clear()
+
+
+def train_screenshot(viewer: napari.Viewer, out: Path, folder: Path, epochs: int) -> None:
+    """Train a second model on the project with the live loss plot."""
+    widget = TrainWidget(viewer)
+    handle = viewer.window.add_dock_widget(widget, name="Train / load model", area="right")
+    widget.project.value = folder
+    widget.name.value = "screenshot"
+    widget.latent_dim.value = 16
+    widget.blocks.value = 2
+    widget.filters.value = 8
+    widget.epochs.value = epochs
+    widget.start_button.clicked.emit()
+    wait(widget)
+    snap(viewer, out, "train")
+    viewer.window.remove_dock_widget(handle)
 
 
 if __name__ == "__main__":
