@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from napari_nucleae.core import store
 from napari_nucleae.core.errors import InputError
-from napari_nucleae.core.model import ModelConfig, load_model, read_checkpoint
-from napari_nucleae.core.train import ChunkStream, split_crops, train
+from napari_nucleae.core.model import ModelConfig, build_model, load_model, read_checkpoint
+from napari_nucleae.core.train import ChunkStream, collapse_note, split_crops, train
 
 SMALL = {"n_blocks": 2, "base_filters": 8, "latent_dim": 16, "batch_size": 32}
 
@@ -31,7 +31,9 @@ def test_training_lowers_validation_loss_and_writes_checkpoints(make_project):
     history = result.history
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert history["val_loss"].iloc[-1] < 0.6 * history["val_loss"].iloc[0]
-    assert not result.stopped and result.split == "image" and not result.notes
+    assert not result.stopped and result.split == "image"
+    # four epochs on blobs learn the mean image: flagged as a collapsed model, nothing else
+    assert [n for n in result.notes if "almost alike" not in n] == []
     assert [e for e, _ in epochs_seen] == [1, 2, 3, 4]
     assert epochs_seen[-1][1] == pytest.approx(history["val_loss"].iloc[-1])
     assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
@@ -192,3 +194,19 @@ def test_stream_with_worker_processes_sees_every_crop_once(make_project, monkeyp
     seen = torch.cat(batches)[:, 0].reshape(100, -1).sum(1).sort().values
     expected = torch.from_numpy(project.read_crops(slice(None))).reshape(100, -1).sum(1)
     torch.testing.assert_close(seen, expected.sort().values)
+
+
+def test_a_collapsed_model_is_flagged_and_a_working_one_is_not(make_project):
+    project = make_project(n=120)
+    crops = project.read_crops(np.arange(0, 120, 2))
+    network = build_model(_config())
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()  # every output pixel is sigmoid(0) = 0.5, whatever the crop
+    note = collapse_note(network, crops, torch.device("cpu"))
+    assert "reconstructs every crop almost alike" in note and "smaller crops" in note
+
+    result = train(project, ModelConfig("pca", 32, latent_dim=16), 1, name="pca")
+    fitted = load_model(result.last, "cpu").network
+    assert collapse_note(fitted, crops, torch.device("cpu")) == ""
+    assert collapse_note(fitted, crops[:1], torch.device("cpu")) == ""

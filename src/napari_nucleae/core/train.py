@@ -45,6 +45,7 @@ from .store import Project, atomic_write_bytes
 
 BUFFER_CHUNKS = 8
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "seconds")
+COLLAPSE_RATIO = 0.1  # output spread across crops below this share of the input spread
 
 Progress = Callable[[int, int, str], None]
 T = TypeVar("T")
@@ -488,7 +489,39 @@ def _fit_network(
         )
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_loss)
+    if len(history) and not stopped:
+        rows = split.val if len(split.val) else split.train
+        note = collapse_note(network, project.read_crops(_sample(rows, 256, seed)), device)
+        if note:
+            notes.append(note)
+            warnings.warn(note, UserWarning, stacklevel=3)
     return _result(name, folder, history, stopped, split, device, notes)
+
+
+def collapse_note(network: torch.nn.Module, crops: np.ndarray, device: torch.device) -> str:
+    """A warning when the model gives nearly the same output for every crop (a collapsed
+    autoencoder: its latents then carry no information), else ''."""
+    if len(crops) < 2:
+        return ""
+    network.eval()
+    with torch.inference_mode():
+        batch = to_batch(crops, device, uses_channels_last(network, device))
+        out = network.decode(network.encode(batch)).float()[:, 0].cpu().numpy()
+    spread_in = float(crops.std(axis=0).mean())
+    spread_out = float(out.std(axis=0).mean())
+    if spread_in == 0 or spread_out >= COLLAPSE_RATIO * spread_in:
+        return ""
+    return (
+        f"the model reconstructs every crop almost alike (output spread {spread_out:.4f} vs "
+        f"{spread_in:.4f} in the crops): its latents will not separate nuclei. Try smaller "
+        "crops (nuclei should fill a good part of each), fewer blocks, or a lower learning rate."
+    )
+
+
+def _sample(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if len(rows) <= k:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, k, replace=False))
 
 
 def _result(
