@@ -55,10 +55,11 @@ def measure_plane(plane: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
 
     Orientation and eccentricity follow scikit-image's ``regionprops`` conventions.
     """
-    rows, cols = np.nonzero(labels)
-    if len(rows) == 0:
+    flat = np.flatnonzero(labels)
+    if len(flat) == 0:
         return pd.DataFrame(columns=MEASUREMENT_COLUMNS[1:])
-    ids = labels[rows, cols]
+    rows, cols = np.divmod(flat, labels.shape[1])
+    ids = labels.ravel()[flat]
     present, inverse = _dense_ids(ids)
     area = np.bincount(inverse).astype(np.float64)
 
@@ -93,7 +94,7 @@ def measure_plane(plane: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
             "bbox_y1": bbox[:, 2],
             "bbox_x1": bbox[:, 3],
             "area": area,
-            "mean_intensity": mean(plane[rows, cols].astype(np.float64)),
+            "mean_intensity": mean(np.asarray(plane).ravel()[flat].astype(np.float64)),
             "eccentricity": eccentricity,
             "orientation": orientation,
             "major_axis_length": 4 * np.sqrt(np.maximum(lam1, 0)),
