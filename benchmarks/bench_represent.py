@@ -35,21 +35,24 @@ BLOCK = 8192  # rows per block when generating and scoring (small: outside the p
 METRICS = ("euclidean", "cosine")
 
 
-def make_latents(n: int, dim: int, clusters: int, rank: int = 16, seed: int = 0) -> np.ndarray:
-    """Seeded float32 latents: Gaussian clusters of unequal spread in a ``rank``-dimensional
-    subspace plus small isotropic noise, generated a block at a time (no float64 copy)."""
+def make_latents(
+    n: int, dim: int, clusters: int, rank: int = 16, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded float32 latents and their cluster labels: Gaussian clusters of unequal spread in
+    a ``rank``-dimensional subspace plus small isotropic noise, made a block at a time."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (clusters, rank)).astype(np.float32)
     scales = rng.uniform(0.2, 1.0, clusters).astype(np.float32)
     basis = rng.normal(0, 1, (rank, dim)).astype(np.float32)
     x = np.empty((n, dim), dtype=np.float32)
+    labels = rng.integers(0, clusters, n)
     for start in range(0, n, BLOCK):
         rows = min(BLOCK, n - start)
-        label = rng.integers(0, clusters, rows)
+        label = labels[start : start + rows]
         z = centres[label] + scales[label, None] * rng.standard_normal((rows, rank), np.float32)
         noise = rng.standard_normal((rows, dim), dtype=np.float32)
         x[start : start + rows] = z @ basis + np.float32(0.3) * noise
-    return x
+    return x, labels
 
 
 def objective(x: np.ndarray, y: np.ndarray) -> float:
@@ -76,7 +79,7 @@ def weiszfeld(x: np.ndarray, tol: float = 1e-7, max_iter: int = 1000) -> tuple[n
 
 def baseline(n: int, dim: int, clusters: int, k: int) -> dict:
     """Plain Weiszfeld, then full argsorts of the distance and similarity arrays."""
-    x = make_latents(n, dim, clusters)
+    x, _ = make_latents(n, dim, clusters)
     ready = current_rss()
     start = time.perf_counter()
     y, iterations = weiszfeld(x)
@@ -95,7 +98,7 @@ def baseline(n: int, dim: int, clusters: int, k: int) -> dict:
 
 def ours(n: int, dim: int, clusters: int, k: int) -> dict:
     """``representatives`` with the geometric median and both metrics."""
-    x = make_latents(n, dim, clusters)
+    x, _ = make_latents(n, dim, clusters)
     ready = current_rss()
     start = time.perf_counter()
     result = representatives(x, centers=("geomedian",), metrics=METRICS, k=k)
