@@ -113,3 +113,19 @@ def test_query_images_are_normalised_like_crops(project):
         query_crop(project, np.zeros((16, 16)))
     with pytest.raises(InputError, match="NaN"):
         query_crop(project, np.full((32, 32), np.nan))
+
+
+def test_project_parallel_runs_umap_unseeded(project, monkeypatch):
+    from napari_nucleae.core import analysis
+
+    seen = {}
+
+    def record(project, method, **kwargs):
+        seen.update(kwargs, method=method)
+        return pd.DataFrame({"UMAP_0": [0.0], "UMAP_1": [0.0]})
+
+    monkeypatch.setattr(analysis, "compute_projection", record)
+    assert main(["project", "--project", str(project.path), "--parallel"]) == 0
+    assert seen["method"] == "umap" and seen["seed"] is None
+    assert main(["project", "--project", str(project.path), "--seed", "4"]) == 0
+    assert seen["seed"] == 4

@@ -101,6 +101,25 @@ def test_umap_is_finite_deterministic_and_places_points_beyond_the_fit_sample(se
     assert adjusted_rand_score(labels, cluster_latents(first, n_clusters=4)) > 0.9
 
 
+def test_unseeded_umap_runs_on_all_cores_and_still_separates_clusters(separated_blobs, monkeypatch):
+    import umap
+
+    made = []
+    original = umap.UMAP.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(umap.UMAP, "__init__", spy)
+    x, labels = separated_blobs
+    out = project_latents(x, "umap", n_neighbors=10, seed=None)
+    assert made[-1]["random_state"] is None and made[-1]["n_jobs"] == -1
+    assert adjusted_rand_score(labels, cluster_latents(out, n_clusters=4)) > 0.9
+    project_latents(x, "umap", n_neighbors=10, seed=3)
+    assert made[-1]["random_state"] == 3 and made[-1]["n_jobs"] == 1
+
+
 def test_projection_rejects_bad_latents():
     with pytest.raises(InputError):
         project_latents(np.zeros(10), "pca")

@@ -54,11 +54,12 @@ def compute_projection(
     metric: str = "euclidean",
     components: tuple[int, int] = (0, 1),
     model: str | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: Progress | None = None,
     **options,
 ) -> pd.DataFrame:
-    """Project the latents to 2-D and store the two columns as project features."""
+    """Project the latents to 2-D and store the two columns as project features
+    (``seed=None``: UMAP on all cores, not bit-reproducible)."""
     coords = project_latents(
         latents_of(project, model),
         method,

@@ -15,7 +15,7 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
@@ -140,12 +140,15 @@ def compute_map(
     clustering: str | None = "kmeans",
     n_clusters: int = 8,
     min_cluster_size: int = 15,
+    seed: int | None = 0,
     progress=None,
     should_stop=None,
 ) -> tuple[pd.DataFrame, tuple[str, str], list[str]]:
     """Project the latents and cluster them (``clustering``: kmeans, hdbscan or None);
     returns the updated table, the x, y columns and the derived (feature) columns."""
-    compute_projection(project, method, metric=metric, components=components, progress=progress)
+    compute_projection(
+        project, method, metric=metric, components=components, seed=seed, progress=progress
+    )
     if should_stop is not None and should_stop():
         raise InterruptedError("stopped after the projection; clusters were not updated")
     if clustering is not None:
@@ -335,6 +338,11 @@ class ExplorerWidget(Container):
         self.pc_x = SpinBox(value=0, min=0, max=4095, label="PC on x", visible=False)
         self.pc_y = SpinBox(value=1, min=0, max=4095, label="PC on y", visible=False)
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
+        self.parallel = CheckBox(
+            value=False,
+            text="UMAP on all cores (faster, not reproducible)",
+            tooltip="a seeded UMAP runs on one core; unseeded it uses every core",
+        )
         self.cluster_method = ComboBox(
             choices=list(CLUSTERINGS),
             value="k-means",
@@ -362,6 +370,7 @@ class ExplorerWidget(Container):
                 self.pc_x,
                 self.pc_y,
                 self.metric,
+                self.parallel,
                 self.cluster_method,
                 self.clusters,
                 self.min_cluster_size,
@@ -499,6 +508,7 @@ class ExplorerWidget(Container):
             clustering=CLUSTERINGS[self.cluster_method.value],
             n_clusters=self.clusters.value,
             min_cluster_size=self.min_cluster_size.value,
+            seed=None if self.parallel.value else 0,
             desc=f"{self.projection.value} projection",
             on_returned=lambda result: self.show_table(*result),
             on_errored=self._failed,
