@@ -8,7 +8,8 @@ Synthetic clustered float32 latents (as in ``bench_represent.py``):
 - ours: ``project.project_latents(x, method, seed=0)`` as ``nucleae project`` calls it: PCA to
   50 dimensions first (UMAP, t-SNE); UMAP seeded (single-threaded) and, above 200,000 rows,
   fitted on a 200,000-row subsample with every other row placed by ``UMAP.transform``;
-  t-SNE through openTSNE with ``--tsne-jobs`` threads;
+  t-SNE through openTSNE with ``--tsne-jobs`` threads; for UMAP also "ours, parallel"
+  (``seed=None``, ``nucleae project --parallel``): the same path on all cores;
 - baseline: the library on the raw latents with its defaults: ``umap.UMAP().fit_transform``
   (unseeded, so parallel), ``openTSNE.TSNE(n_jobs=--tsne-jobs).fit``,
   ``sklearn PCA(n_components=2).fit_transform``.
@@ -38,11 +39,12 @@ from napari_nucleae.core.project import project_latents
 
 WARMUP_ROWS = 6000  # above 4096, where UMAP switches to (numba-compiled) NN-descent
 CHECK_ROWS = 20_000
+PARALLEL = "ours, parallel"  # seed=None: UMAP on all cores (nucleae project --parallel)
 
 
-def ours_runner(method: str, jobs: int) -> Callable[[np.ndarray], np.ndarray]:
+def ours_runner(method: str, jobs: int, seed: int | None = 0) -> Callable[[np.ndarray], np.ndarray]:
     def run(x: np.ndarray) -> np.ndarray:
-        return project_latents(x, method, seed=0, n_jobs=jobs)
+        return project_latents(x, method, seed=seed, n_jobs=jobs)
 
     return run
 
@@ -75,9 +77,12 @@ def knn_accuracy(embedding: np.ndarray, labels: np.ndarray) -> float:
 def measure(side: str, method: str, n: int, dim: int, clusters: int, jobs: int) -> dict:
     """Time one projection after an untimed warm-up on the first rows."""
     x, labels = make_latents(n, dim, clusters)
-    run = (ours_runner if side == "ours" else baseline_runner)(method, jobs)
+    if side == "baseline":
+        run = baseline_runner(method, jobs)
+    else:
+        run = ours_runner(method, jobs, None if side == PARALLEL else 0)
     warm = x[:WARMUP_ROWS]
-    if side == "ours" and method == "umap":  # also compile the transform path
+    if side != "baseline" and method == "umap":  # also compile the transform path
         project_latents(warm, "umap", seed=0, max_fit=WARMUP_ROWS - 1000)
     else:
         run(warm)
@@ -116,7 +121,8 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for n in args.sizes:
-            for side in ("baseline", "ours"):
+            sides = ("baseline", "ours", PARALLEL) if method == "umap" else ("baseline", "ours")
+            for side in sides:
                 job = (side, method, n, args.dim, args.clusters, args.tsne_jobs)
                 rows.append(
                     row(
