@@ -6,7 +6,7 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import Container, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import Container, FloatSlider, Label, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
@@ -68,8 +68,8 @@ class OutliersWidget(Container):
         super().__init__(scrollable=False)
         self.viewer = viewer
         self.project = project_field(viewer)
-        self.low = FloatSpinBox(value=1.0, min=0.0, max=50.0, step=0.5, label="low tail (%)")
-        self.high = FloatSpinBox(value=1.0, min=0.0, max=50.0, step=0.5, label="high tail (%)")
+        self.low = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="low tail (%)")
+        self.high = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="high tail (%)")
         self.gallery_size = SpinBox(value=16, min=1, max=200, label="gallery crops per tail")
         self.flag_button = PushButton(text="Flag outliers")
         self.status = Label(value="")
