@@ -114,6 +114,13 @@ def main() -> None:
     parser.add_argument("--tsne-jobs", type=int, default=1, help="openTSNE threads, both sides")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per run")
     parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=["baseline", "ours", "parallel"],
+        choices=["baseline", "ours", "parallel"],
+        help="which runs to make (parallel: UMAP only)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "projection.json"
     )
     args = parser.parse_args()
@@ -121,7 +128,8 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for n in args.sizes:
-            sides = ("baseline", "ours", PARALLEL) if method == "umap" else ("baseline", "ours")
+            names = {"baseline": "baseline", "ours": "ours", "parallel": PARALLEL}
+            sides = [names[s] for s in args.sides if s != "parallel" or method == "umap"]
             for side in sides:
                 job = (side, method, n, args.dim, args.clusters, args.tsne_jobs)
                 rows.append(
