@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .crop import MEASUREMENT_COLUMNS
+from .crop import MEASUREMENT_COLUMNS, plane_percentiles
 from .embed import read_latents, resolve_model
 from .errors import InputError
 from .explore import interpolation_strip, nearest, outlier_flags
@@ -224,7 +224,7 @@ def query_crop(project: Project, image: np.ndarray) -> np.ndarray:
         raise InputError("the query image holds NaN or infinite values")
     if np.issubdtype(image.dtype, np.floating) and image.min() >= 0 and image.max() <= 1:
         return image.astype(np.float32)
-    lo, hi = np.percentile(image.astype(np.float64), project.meta.crop.percentiles)
+    lo, hi = plane_percentiles(image, project.meta.crop.percentiles)
     scaled = (image - lo) / (hi - lo if hi > lo else 1.0)
     return np.clip(scaled, 0, 1).astype(np.float32)
 

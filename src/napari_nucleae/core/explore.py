@@ -35,6 +35,13 @@ def iter_chunks(array: Any, rows: int | None = None) -> Iterator[tuple[int, np.n
         yield start, np.asarray(array[start : start + rows])
 
 
+def sample_rows(n: int, k: int, seed: int | None = 0) -> np.ndarray:
+    """All ``n`` row indices, or a seeded random ``k`` of them; sorted."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise InputError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .explore import check_metric, l2_normalize
+from .explore import check_metric, l2_normalize, sample_rows
 
 Progress = Callable[[int, int, str], None]
 ProjectionMethod = Literal["umap", "tsne", "pca"]
@@ -133,7 +133,7 @@ def _umap(
         warnings.filterwarnings("ignore", message=".*n_jobs.*")
         if len(x) <= max_fit:
             return model.fit_transform(x)
-        fit = np.sort(np.random.default_rng(seed).choice(len(x), max_fit, replace=False))
+        fit = sample_rows(len(x), max_fit, seed)
         rest = np.setdiff1d(np.arange(len(x)), fit)
         out = np.empty((len(x), 2), dtype=np.float32)
         out[fit] = model.fit_transform(x[fit])

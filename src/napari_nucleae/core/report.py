@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from . import analysis
 from .embed import resolve_model
 from .errors import InputError
-from .explore import latent_histograms, rank_outliers
+from .explore import latent_histograms, rank_outliers, sample_rows
 from .model import LoadedModel
 from .represent import CENTERS, ExportExistsError, RepresentativeSet
 from .segment import Progress
@@ -198,7 +198,7 @@ def projection_section(run: _Run) -> Section:
         project, n_clusters=n_clusters, metric=opts.metric, model=run.model.name, seed=opts.seed
     )
     table = project.table()
-    shown = _subsample(len(table), PLOT_POINTS, opts.seed)
+    shown = sample_rows(len(table), PLOT_POINTS, opts.seed)
     x, y = (table[c].to_numpy()[shown] for c in columns.columns)
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     by_mse, by_cluster = fig.subplots(1, 2)
@@ -362,12 +362,6 @@ STEPS: list[tuple[str, Step]] = [
 # ---------------------------------------------------------------------------- drawing
 def _save(fig: Figure, run: _Run, name: str) -> None:
     fig.savefig(run.folder / name, dpi=110)
-
-
-def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
-    if n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 def _image_grid(

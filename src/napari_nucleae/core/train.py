@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import __version__
 from .errors import InputError
+from .explore import sample_rows
 from .model import (
     ModelConfig,
     Network,
@@ -491,7 +492,8 @@ def _fit_network(
             on_epoch(epoch, train_loss, val_loss)
     if len(history) and not stopped:
         rows = split.val if len(split.val) else split.train
-        note = collapse_note(network, project.read_crops(_sample(rows, 256, seed)), device)
+        checked = project.read_crops(rows[sample_rows(len(rows), 256, seed)])
+        note = collapse_note(network, checked, device)
         if note:
             notes.append(note)
             warnings.warn(note, UserWarning, stacklevel=3)
@@ -516,12 +518,6 @@ def collapse_note(network: torch.nn.Module, crops: np.ndarray, device: torch.dev
         f"{spread_in:.4f} in the crops): its latents will not separate nuclei. Try smaller "
         "crops (nuclei should fill a good part of each), fewer blocks, or a lower learning rate."
     )
-
-
-def _sample(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
-    if len(rows) <= k:
-        return rows
-    return np.sort(np.random.default_rng(seed).choice(rows, k, replace=False))
 
 
 def _result(

@@ -31,6 +31,7 @@ KEY = "nucleae"
 HIGHLIGHT_KEY = "nucleae_highlight"
 TRANSPARENT = np.zeros(4)
 SourceLayer = napari.layers.Labels | napari.layers.Points
+FLAG_NAMES = ["no", "yes"]  # the names of the 0/1 codes of flag columns
 
 
 # ---------------------------------------------------------------------------- rows ↔ labels
@@ -128,8 +129,8 @@ def write_columns(viewer: napari.viewer.Viewer, table: pd.DataFrame, columns: li
             for column in columns:
                 values = rows[column][found]
                 features[column] = layer_column(values, where[found], len(features))
-                if _text_categories(values):
-                    names[column] = [str(c) for c in values.cat.categories]
+                if (named := code_names(values)) is not None:
+                    names[column] = named
             layer.features = features
             updated += 1
     return updated
@@ -141,7 +142,7 @@ def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical
     if isinstance(values.dtype, pd.CategoricalDtype):
         codes = np.full(n, -1, dtype=np.int64)
         codes[where] = values.cat.codes.to_numpy()
-        if _text_categories(values):
+        if code_names(values) is not None:
             return pd.Categorical.from_codes(codes, categories=range(len(values.cat.categories)))
         return pd.Categorical.from_codes(codes, dtype=values.dtype)
     out = np.full(n, np.nan)
@@ -160,7 +161,7 @@ def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, di
     cropped[where] = 1
     columns = {"label": np.arange(1, n_labels + 1)}
     columns["cropped"] = pd.Categorical.from_codes(cropped, categories=range(2))
-    names = {"cropped": ["no", "yes"]}
+    names = {"cropped": FLAG_NAMES}
     for column in rows.columns:
         values = rows[column]
         if column in columns or not (
@@ -169,16 +170,20 @@ def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, di
         ):
             continue
         columns[column] = layer_column(values, where, n_labels)
-        if _text_categories(values):
-            names[column] = [str(c) for c in values.cat.categories]
+        if (named := code_names(values)) is not None:
+            names[column] = named
     return pd.DataFrame(columns), names
 
 
-def _text_categories(values: pd.Series) -> bool:
+def code_names(values: pd.Series) -> list[str] | None:
+    """The names behind the integer codes a text categorical gets in layer features; None
+    for any other column."""
     dtype = values.dtype
-    return isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
+    if isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
         dtype.categories
-    )
+    ):
+        return [str(c) for c in dtype.categories]
+    return None
 
 
 # ---------------------------------------------------------------------------- highlights

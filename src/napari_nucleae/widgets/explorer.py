@@ -27,7 +27,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 
 from ..core.analysis import compute_clusters, compute_projection
-from ..core.explore import METRICS
+from ..core.explore import METRICS, sample_rows
 from ..core.project import PREFIXES, projection_columns
 from ..core.store import Project
 from ._common import (
@@ -72,9 +72,7 @@ def rows_in_box(xy: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> n
 
 def drawn_rows(n: int, max_drawn: int = MAX_DRAWN, seed: int = 0) -> np.ndarray:
     """All rows, or a seeded random subsample of ``max_drawn`` rows (sorted)."""
-    if n <= max_drawn:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, max_drawn, replace=False))
+    return sample_rows(n, max_drawn, seed)
 
 
 def projection_pairs(columns) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
 from ._common import add_progress, folder_of
 from ._jobs import user_message
+from ._nuclei import FLAG_NAMES
 from ._settings import remember
 
 MODEL_CHOICES = ("default", "cpsam", "nuclei", "cyto3", "custom file…")
@@ -77,7 +78,7 @@ def segment_and_store(
 def flag_names(result: ImageResult) -> dict[str, list[str]]:
     """The names of the flag columns' codes, for ``metadata["nucleae"]["categories"]``."""
     flags = result.crops.measurements.select_dtypes(include=bool).columns
-    return {str(column): ["no", "yes"] for column in flags}
+    return {str(column): FLAG_NAMES for column in flags}
 
 
 def features_table(result: ImageResult, first_crop: int | None = None) -> pd.DataFrame:
