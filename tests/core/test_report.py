@@ -12,7 +12,7 @@ from napari_nucleae.core import report as report_module
 from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.report import ReportOptions, write_report
-from napari_nucleae.core.represent import ExportExistsError, geometric_median
+from napari_nucleae.core.represent import ExportExistsError, ExportWriteError, geometric_median
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
 
@@ -161,3 +161,22 @@ def test_cli_report_prints_where_the_index_is(embedded, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"report: {(out / 'index.html').resolve()}" in printed
     assert np.unique(Project.open(embedded.path).table()["cluster"]).size == 2
+
+
+def test_an_unwritable_report_folder_is_a_clear_error(embedded, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportWriteError, match="notes.txt is a file, not a folder"):
+        write_report(embedded, blocker / "report", options=FAST)
+    argv = ["report", "--project", str(embedded.path), "--projection", "pca"]
+    assert main([*argv, "--out", str(blocker / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "choose a folder you can write to" in err and "Traceback" not in err
+
+    def refuse(fig, run, name):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report_module, "_save", refuse)  # a figure cannot be written
+    with pytest.raises(ExportWriteError, match="Permission denied"):
+        write_report(embedded, tmp_path / "out" / "report", options=FAST)
+    assert list((tmp_path / "out").iterdir()) == []  # no half report, no staging folder

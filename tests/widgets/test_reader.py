@@ -73,6 +73,10 @@ def test_reopened_project_restores_images_labels_and_analysis(
     assert by_label.loc[uncropped, "mse"].isna().all()
     names = nuclei.metadata["nucleae"]["categories"]
     assert names["cropped"] == ["no", "yes"] and names["outlier"] == ["low", "normal", "high"]
+    # flags come back as the 0/1 categories the segment widget writes, not as floats
+    assert features["touches_border"].dtype == "category"
+    assert names["touches_border"] == ["no", "yes"]
+    assert (by_label.loc[table["label"], "touches_border"] == 0).all()
     assert (by_label.loc[table["label"], "cropped"] == 1).all()
     outlier = [names["outlier"][c] for c in by_label.loc[table["label"], "outlier"]]
     assert outlier == list(table["outlier"])

@@ -5,7 +5,7 @@ clusters, outliers, representatives, interpolation), stores their per-crop resul
 features like the CLI does, and draws each result with matplotlib (no GUI backend). The
 folder is built beside its target and moved in at the end, so a failed run leaves no half
 report; a previous report in the target folder is replaced, any other non-empty folder is
-refused.
+refused; a folder that cannot be written gives an :class:`ExportWriteError`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from matplotlib.figure import Figure
 
 from . import analysis
 from .embed import resolve_model
-from .errors import InputError
+from .errors import InputError, NucleaeError
 from .explore import latent_histograms, rank_outliers, sample_rows
 from .model import LoadedModel
-from .represent import CENTERS, ExportExistsError, RepresentativeSet
+from .represent import CENTERS, ExportExistsError, RepresentativeSet, write_error
 from .segment import Progress
 from .store import Project
 
@@ -95,10 +95,10 @@ def write_report(
     latents = analysis.latents_of(project, loaded.name)
     if len(latents) < 2:
         raise InputError("a report needs at least two embedded crops")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         run = _Run(project, loaded, staging, options, latents)
         sections = []
         for done, (message, step) in enumerate(STEPS):
@@ -109,6 +109,10 @@ def write_report(
         if progress is not None:
             progress(len(STEPS), len(STEPS), "report written")
         _replace(staging, out_dir)
+    except NucleaeError:
+        raise
+    except OSError as err:  # a file in the path, no permission, a full disk
+        raise write_error(out_dir, err) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "index.html"

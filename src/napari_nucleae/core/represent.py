@@ -620,12 +620,12 @@ def export_representatives(
         csv.to_csv(staging / "representatives.csv", index=False)
         return _move_into(staging, out_dir)
     except OSError as err:
-        raise _write_error(out_dir, err) from err
+        raise write_error(out_dir, err) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_error(out_dir: Path, err: OSError) -> ExportWriteError:
+def write_error(out_dir: Path, err: OSError) -> ExportWriteError:
     """Why ``out_dir`` could not be written, in words (a file in the way, permissions ...)."""
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():

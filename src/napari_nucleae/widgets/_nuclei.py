@@ -153,7 +153,8 @@ def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical
 def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, dict]:
     """Features of a Labels layer with labels 1..``n_labels`` from the project rows of its
     nuclei: a ``label`` column, a ``cropped`` flag, and every numeric or categorical column
-    placed by label (see :func:`layer_column`); also the names of text category codes."""
+    placed by label (see :func:`layer_column`; flags such as ``touches_border`` as 0/1
+    categories, as "Segment & crop nuclei" writes them); also the names of the codes."""
     labels = rows["label"].to_numpy(np.int64)
     inside = (labels >= 1) & (labels <= n_labels)
     rows, where = rows[inside], labels[inside] - 1
@@ -169,6 +170,9 @@ def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, di
             or pd.api.types.is_numeric_dtype(values.dtype)
         ):
             continue
+        if pd.api.types.is_bool_dtype(values.dtype):
+            values = pd.Series(pd.Categorical(values.astype(int), categories=[0, 1]))
+            names[column] = FLAG_NAMES
         columns[column] = layer_column(values, where, n_labels)
         if (named := code_names(values)) is not None:
             names[column] = named
