@@ -91,11 +91,10 @@ class JobRunner(QObject):
         self.bar.setRange(0, max(total, 1))
         self.bar.setValue(done)
         self.bar.setFormat(f"{message} (%p%)")
-        if self._napari_bar is not None:
-            self._napari_bar.total = total
-            self._napari_bar.n = done
-            self._napari_bar.set_description(message)
-            self._napari_bar.refresh()
+        bar = self._napari_bar  # the job may finish while napari handles these events
+        if bar is not None:
+            bar.total, bar.n = total, done
+            bar.set_description(message)  # also redraws the bar
 
     def _on_finished(self) -> None:
         self.worker = None
