@@ -6,9 +6,10 @@ PYTHONPATH=src:benchmarks python benchmarks/bench_projection.py [--sizes 10000 1
 Synthetic clustered float32 latents (as in ``bench_represent.py``):
 
 - ours: ``project.project_latents(x, method, seed=0)`` as ``nucleae project`` calls it: PCA to
-  50 dimensions first (UMAP, t-SNE); UMAP seeded (single-threaded) and, above 200,000 rows,
-  fitted on a 200,000-row subsample with every other row placed by ``UMAP.transform``;
-  t-SNE through openTSNE with ``--tsne-jobs`` threads; for UMAP also "ours, parallel"
+  50 dimensions first (UMAP, t-SNE); UMAP seeded (single-threaded); t-SNE through openTSNE
+  with ``--tsne-jobs`` threads; above 200,000 rows both are fitted on a 200,000-row subsample
+  with every other row placed by ``UMAP.transform`` / ``TSNEEmbedding.transform``;
+  for UMAP also "ours, parallel"
   (``seed=None``, ``nucleae project --parallel``): the same path on all cores;
 - baseline: the library on the raw latents with its defaults: ``umap.UMAP().fit_transform``
   (unseeded, so parallel), ``openTSNE.TSNE(n_jobs=--tsne-jobs).fit``,

@@ -75,6 +75,24 @@ def test_tsne_is_finite_and_deterministic(separated_blobs):
     assert adjusted_rand_score(labels[:120], clusters) > 0.9
 
 
+def test_tsne_places_points_beyond_the_fit_sample_deterministically(separated_blobs):
+    x, labels = separated_blobs
+    steps = []
+    first = project_latents(
+        x,
+        "tsne",
+        perplexity=20,
+        seed=2,
+        max_fit=120,
+        progress=lambda done, total, message: steps.append(message),
+    )
+    again = project_latents(x, "tsne", perplexity=20, seed=2, max_fit=120)
+    assert first.shape == (len(x), 2) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, again)
+    assert "placing the remaining points" in steps
+    assert adjusted_rand_score(labels, cluster_latents(first, n_clusters=4)) > 0.9
+
+
 def test_tsne_falls_back_to_sklearn_without_opentsne(separated_blobs, monkeypatch):
     monkeypatch.setitem(sys.modules, "openTSNE", None)  # makes the import fail
     x, labels = separated_blobs

@@ -4,10 +4,12 @@ Cosine metric: rows are L2-normalised first; on unit vectors the Euclidean dista
 ``sqrt(2 - 2 cos)`` is a monotone function of the cosine distance, so neighbourhoods are the
 same and the PCA pre-reduction stays valid.
 
-Large N (UMAP): above ``max_fit`` rows UMAP is fitted on a seeded random subsample of
-``max_fit`` rows and every other row is placed with ``UMAP.transform`` in chunks. This bounds
-the nearest-neighbour graph and optimisation to the subsample (memory and time grow linearly
-in N afterwards); the placed points do not move the fitted ones.
+Large N (UMAP, t-SNE): above ``max_fit`` rows the method is fitted on a seeded random
+subsample of ``max_fit`` rows and every other row is placed in chunks against the fitted
+embedding (``UMAP.transform``; openTSNE's ``TSNEEmbedding.transform``, which optimises each new
+point among its nearest fitted neighbours). This bounds the nearest-neighbour graph and
+optimisation to the subsample (memory and time grow linearly in N afterwards); the placed
+points do not move the fitted ones.
 """
 
 from __future__ import annotations
@@ -60,15 +62,17 @@ def project_latents(
     D > ``pca_first`` and N > ``pca_first`` the latents are first reduced to ``pca_first``
     principal components (``None`` disables this). Seeded, hence deterministic for a given
     input. t-SNE uses openTSNE with ``n_jobs`` threads (results are reproducible for a fixed
-    thread count), or scikit-learn when openTSNE is not installed; its perplexity is capped
-    at (N - 1) / 3. A seeded UMAP runs single-threaded (umap-learn disables its parallelism
-    for reproducibility); ``seed=None`` runs it on all cores, several times faster on a
-    many-core machine, with layouts that differ slightly from run to run.
+    thread count), or scikit-learn (on every row) when openTSNE is not installed; its
+    perplexity is capped at (N - 1) / 3. Past ``max_fit`` rows UMAP and openTSNE are fitted on
+    a seeded subsample and the other rows placed against it. A seeded UMAP runs
+    single-threaded (umap-learn disables its parallelism for reproducibility); ``seed=None``
+    runs it on all cores, several times faster on a many-core machine, with layouts that
+    differ slightly from run to run.
     """
     projection_columns(method, components)
     check_metric(metric)
     x = _as_matrix(latents, minimum=4 if method != "pca" else 2)
-    if method == "umap" and max_fit < 4:
+    if method != "pca" and max_fit < 4:
         raise InputError(f"max_fit must be at least 4, got {max_fit}")
     report = progress or (lambda done, total, message: None)
     if metric == "cosine":
@@ -84,7 +88,7 @@ def project_latents(
         if method == "umap":
             out = _umap(x, n_neighbors, min_dist, seed, max_fit, report)
         else:
-            out = _tsne(x, perplexity, seed, n_jobs)
+            out = _tsne(x, perplexity, seed, n_jobs, max_fit, report)
     report(1, 1, "done")
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -112,6 +116,30 @@ def _pca(x: np.ndarray, components: Sequence[int], seed: int | None) -> np.ndarr
     return scores[:, list(components)]
 
 
+Placer = Callable[[np.ndarray], np.ndarray]
+
+
+def _fit_and_place(
+    x: np.ndarray,
+    fit: Callable[[np.ndarray], tuple[np.ndarray, Placer]],
+    max_fit: int,
+    seed: int | None,
+    report: Progress,
+) -> np.ndarray:
+    """``fit`` all rows, or past ``max_fit`` rows a seeded subsample and place the rest."""
+    if len(x) <= max_fit:
+        return fit(x)[0]
+    rows = sample_rows(len(x), max_fit, seed)
+    rest = np.setdiff1d(np.arange(len(x)), rows)
+    out = np.empty((len(x), 2), dtype=np.float32)
+    out[rows], place = fit(x[rows])
+    for done in range(0, len(rest), TRANSFORM_CHUNK):
+        report(done, len(rest), "placing the remaining points")
+        chunk = rest[done : done + TRANSFORM_CHUNK]
+        out[chunk] = place(x[chunk])
+    return out
+
+
 def _umap(
     x: np.ndarray,
     n_neighbors: int,
@@ -131,21 +159,21 @@ def _umap(
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs.*")
-        if len(x) <= max_fit:
-            return model.fit_transform(x)
-        fit = sample_rows(len(x), max_fit, seed)
-        rest = np.setdiff1d(np.arange(len(x)), fit)
-        out = np.empty((len(x), 2), dtype=np.float32)
-        out[fit] = model.fit_transform(x[fit])
-        for done in range(0, len(rest), TRANSFORM_CHUNK):
-            report(done, len(rest), "placing the remaining points")
-            chunk = rest[done : done + TRANSFORM_CHUNK]
-            out[chunk] = model.transform(x[chunk])
-    return out
+        return _fit_and_place(
+            x, lambda rows: (model.fit_transform(rows), model.transform), max_fit, seed, report
+        )
 
 
-def _tsne(x: np.ndarray, perplexity: float, seed: int | None, n_jobs: int) -> np.ndarray:
-    perplexity = min(perplexity, (len(x) - 1) / 3)
+def _tsne(
+    x: np.ndarray,
+    perplexity: float,
+    seed: int | None,
+    n_jobs: int,
+    max_fit: int,
+    report: Progress,
+) -> np.ndarray:
+    """openTSNE (fit a subsample past ``max_fit``); scikit-learn on every row without it."""
+    perplexity = min(perplexity, (min(len(x), max_fit) - 1) / 3)
     try:
         from openTSNE import TSNE
     except ImportError:
@@ -155,7 +183,12 @@ def _tsne(x: np.ndarray, perplexity: float, seed: int | None, n_jobs: int) -> np
         model = SkTSNE(perplexity=perplexity, random_state=seed, init="pca", n_jobs=n_jobs)
         with threadpool_limits(limits=n_jobs if n_jobs > 0 else None, user_api="openmp"):
             return model.fit_transform(x)
-    return np.asarray(TSNE(perplexity=perplexity, random_state=seed, n_jobs=n_jobs).fit(x))
+
+    def fit(rows: np.ndarray) -> tuple[np.ndarray, Placer]:
+        embedding = TSNE(perplexity=perplexity, random_state=seed, n_jobs=n_jobs).fit(rows)
+        return np.asarray(embedding), lambda new: np.asarray(embedding.transform(new))
+
+    return _fit_and_place(x, fit, max_fit, seed, report)
 
 
 def cluster_latents(
