@@ -479,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel",
         action="store_true",
-        help="UMAP on all cores: several times faster on big machines, not bit-reproducible "
-        "(the default is seeded and single-threaded)",
+        help="UMAP and t-SNE on all cores: several times faster on big machines, not "
+        "bit-reproducible (the default is seeded and single-threaded)",
     )
     p.add_argument("--cluster-method", choices=("kmeans", "hdbscan"), default="kmeans")
     add_common_analysis(p)

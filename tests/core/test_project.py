@@ -138,6 +138,25 @@ def test_unseeded_umap_runs_on_all_cores_and_still_separates_clusters(separated_
     assert made[-1]["random_state"] == 3 and made[-1]["n_jobs"] == 1
 
 
+def test_unseeded_tsne_runs_on_all_cores(separated_blobs, monkeypatch):
+    import openTSNE
+
+    made = []
+    original = openTSNE.TSNE.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(openTSNE.TSNE, "__init__", spy)
+    x, labels = separated_blobs
+    out = project_latents(x[:120], "tsne", perplexity=20, seed=None)
+    assert made[-1]["random_state"] is None and made[-1]["n_jobs"] == -1
+    assert adjusted_rand_score(labels[:120], cluster_latents(out, n_clusters=4)) > 0.9
+    project_latents(x[:120], "tsne", perplexity=20, seed=3)
+    assert made[-1]["random_state"] == 3 and made[-1]["n_jobs"] == 1
+
+
 def test_projection_rejects_bad_latents():
     with pytest.raises(InputError):
         project_latents(np.zeros(10), "pca")

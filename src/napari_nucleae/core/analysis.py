@@ -59,7 +59,7 @@ def compute_projection(
     **options,
 ) -> pd.DataFrame:
     """Project the latents to 2-D and store the two columns as project features
-    (``seed=None``: UMAP on all cores, not bit-reproducible)."""
+    (``seed=None``: UMAP and t-SNE on all cores, not bit-reproducible)."""
     coords = project_latents(
         latents_of(project, model),
         method,

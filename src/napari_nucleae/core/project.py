@@ -53,7 +53,7 @@ def project_latents(
     pca_first: int | None = 50,
     seed: int | None = 0,
     max_fit: int = 200_000,
-    n_jobs: int = 1,
+    n_jobs: int | None = None,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """2-D coordinates ``(N, 2)`` float32 of the latents.
@@ -62,12 +62,13 @@ def project_latents(
     D > ``pca_first`` and N > ``pca_first`` the latents are first reduced to ``pca_first``
     principal components (``None`` disables this). Seeded, hence deterministic for a given
     input. t-SNE uses openTSNE with ``n_jobs`` threads (results are reproducible for a fixed
-    thread count), or scikit-learn (on every row) when openTSNE is not installed; its
-    perplexity is capped at (N - 1) / 3. Past ``max_fit`` rows UMAP and openTSNE are fitted on
-    a seeded subsample and the other rows placed against it. A seeded UMAP runs
-    single-threaded (umap-learn disables its parallelism for reproducibility); ``seed=None``
-    runs it on all cores, several times faster on a many-core machine, with layouts that
-    differ slightly from run to run.
+    thread count; by default one thread when seeded, every core when ``seed`` is None), or
+    scikit-learn (on every row) when openTSNE is not installed; its perplexity is capped at
+    (N - 1) / 3. Past ``max_fit`` rows UMAP and openTSNE are fitted on a seeded subsample and
+    the other rows placed against it. A seeded UMAP runs single-threaded (umap-learn
+    disables its parallelism for reproducibility); ``seed=None`` runs it on all cores,
+    several times faster on a many-core machine, with layouts that differ slightly from run
+    to run.
     """
     projection_columns(method, components)
     check_metric(metric)
@@ -88,7 +89,8 @@ def project_latents(
         if method == "umap":
             out = _umap(x, n_neighbors, min_dist, seed, max_fit, report)
         else:
-            out = _tsne(x, perplexity, seed, n_jobs, max_fit, report)
+            threads = n_jobs if n_jobs is not None else (1 if seed is not None else -1)
+            out = _tsne(x, perplexity, seed, threads, max_fit, report)
     report(1, 1, "done")
     return np.ascontiguousarray(out, dtype=np.float32)
 

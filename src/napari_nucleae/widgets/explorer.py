@@ -338,8 +338,8 @@ class ExplorerWidget(Container):
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
         self.parallel = CheckBox(
             value=False,
-            text="UMAP on all cores (faster, not reproducible)",
-            tooltip="a seeded UMAP runs on one core; unseeded it uses every core",
+            text="UMAP / t-SNE on all cores (faster, not reproducible)",
+            tooltip="seeded, UMAP and t-SNE run on one core; unseeded they use every core",
         )
         self.cluster_method = ComboBox(
             choices=list(CLUSTERINGS),
