@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 import tempfile
@@ -75,24 +76,6 @@ def test_tsne_is_finite_and_deterministic(separated_blobs):
     assert adjusted_rand_score(labels[:120], clusters) > 0.9
 
 
-def test_tsne_places_points_beyond_the_fit_sample_deterministically(separated_blobs):
-    x, labels = separated_blobs
-    steps = []
-    first = project_latents(
-        x,
-        "tsne",
-        perplexity=20,
-        seed=2,
-        max_fit=120,
-        progress=lambda done, total, message: steps.append(message),
-    )
-    again = project_latents(x, "tsne", perplexity=20, seed=2, max_fit=120)
-    assert first.shape == (len(x), 2) and np.isfinite(first).all()
-    np.testing.assert_array_equal(first, again)
-    assert "placing the remaining points" in steps
-    assert adjusted_rand_score(labels, cluster_latents(first, n_clusters=4)) > 0.9
-
-
 def test_tsne_falls_back_to_sklearn_without_opentsne(separated_blobs, monkeypatch):
     monkeypatch.setitem(sys.modules, "openTSNE", None)  # makes the import fail
     x, labels = separated_blobs
@@ -101,59 +84,48 @@ def test_tsne_falls_back_to_sklearn_without_opentsne(separated_blobs, monkeypatc
     assert adjusted_rand_score(labels[:80], cluster_latents(coords, n_clusters=4)) > 0.9
 
 
-def test_umap_is_finite_deterministic_and_places_points_beyond_the_fit_sample(separated_blobs):
+LIBRARY_OPTIONS = {"umap": {"n_neighbors": 10}, "tsne": {"perplexity": 20}}
+
+
+@pytest.mark.parametrize("method", ["umap", "tsne"])
+def test_projection_places_points_beyond_the_fit_sample_deterministically(separated_blobs, method):
     x, labels = separated_blobs
+    options = LIBRARY_OPTIONS[method]
     steps = []
     first = project_latents(
         x,
-        "umap",
-        n_neighbors=10,
+        method,
         seed=1,
         max_fit=160,
         progress=lambda done, total, message: steps.append(message),
+        **options,
     )
-    again = project_latents(x, "umap", n_neighbors=10, seed=1, max_fit=160)
+    again = project_latents(x, method, seed=1, max_fit=160, **options)
     assert first.shape == (len(x), 2) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, again)
     assert "placing the remaining points" in steps
     assert adjusted_rand_score(labels, cluster_latents(first, n_clusters=4)) > 0.9
 
 
-def test_unseeded_umap_runs_on_all_cores_and_still_separates_clusters(separated_blobs, monkeypatch):
-    import umap
-
+@pytest.mark.parametrize(("method", "library"), [("umap", "umap.UMAP"), ("tsne", "openTSNE.TSNE")])
+def test_unseeded_projections_run_on_all_cores_and_still_separate_clusters(
+    separated_blobs, monkeypatch, method, library
+):
+    module, name = library.split(".")
+    cls = getattr(importlib.import_module(module), name)
     made = []
-    original = umap.UMAP.__init__
+    original = cls.__init__
 
     def spy(self, *args, **kwargs):
         made.append(kwargs)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(umap.UMAP, "__init__", spy)
+    monkeypatch.setattr(cls, "__init__", spy)
     x, labels = separated_blobs
-    out = project_latents(x, "umap", n_neighbors=10, seed=None)
+    out = project_latents(x, method, seed=None, **LIBRARY_OPTIONS[method])
     assert made[-1]["random_state"] is None and made[-1]["n_jobs"] == -1
     assert adjusted_rand_score(labels, cluster_latents(out, n_clusters=4)) > 0.9
-    project_latents(x, "umap", n_neighbors=10, seed=3)
-    assert made[-1]["random_state"] == 3 and made[-1]["n_jobs"] == 1
-
-
-def test_unseeded_tsne_runs_on_all_cores(separated_blobs, monkeypatch):
-    import openTSNE
-
-    made = []
-    original = openTSNE.TSNE.__init__
-
-    def spy(self, *args, **kwargs):
-        made.append(kwargs)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(openTSNE.TSNE, "__init__", spy)
-    x, labels = separated_blobs
-    out = project_latents(x[:120], "tsne", perplexity=20, seed=None)
-    assert made[-1]["random_state"] is None and made[-1]["n_jobs"] == -1
-    assert adjusted_rand_score(labels[:120], cluster_latents(out, n_clusters=4)) > 0.9
-    project_latents(x[:120], "tsne", perplexity=20, seed=3)
+    project_latents(x[:120], method, seed=3, **LIBRARY_OPTIONS[method])
     assert made[-1]["random_state"] == 3 and made[-1]["n_jobs"] == 1
 
 
