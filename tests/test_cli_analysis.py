@@ -128,4 +128,13 @@ def test_project_parallel_runs_umap_unseeded(project, monkeypatch):
     assert main(["project", "--project", str(project.path), "--parallel"]) == 0
     assert seen["method"] == "umap" and seen["seed"] is None
     assert main(["project", "--project", str(project.path), "--seed", "4"]) == 0
-    assert seen["seed"] == 4
+    assert seen["seed"] == 4 and seen["max_fit"] == 200_000
+
+
+def test_project_max_fit_places_the_other_crops(project, capsys):
+    args = ["project", "--project", str(project.path), "--method", "tsne", "--max-fit", "40"]
+    assert main(args) == 0
+    assert "placing the remaining points" in capsys.readouterr().err
+    coords = Project.open(project.path).features()[["TSNE_0", "TSNE_1"]].to_numpy()
+    assert coords.shape == (60, 2) and np.isfinite(coords).all()
+    assert main([*args[:-1], "3"]) == 1  # fewer than 4 rows cannot be fitted

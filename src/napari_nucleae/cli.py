@@ -293,6 +293,7 @@ def cmd_project(args: argparse.Namespace) -> int:
             components=tuple(args.components),
             model=args.model,
             seed=None if args.parallel else args.seed,
+            max_fit=args.max_fit,
             progress=bar,
         )
     finally:
@@ -481,6 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="UMAP and t-SNE on all cores: several times faster on big machines, not "
         "bit-reproducible (the default is seeded and single-threaded)",
+    )
+    p.add_argument(
+        "--max-fit",
+        type=int,
+        default=200_000,
+        help="UMAP / t-SNE: past this many crops fit a random subsample of this size and place "
+        "the rest on it",
     )
     p.add_argument("--cluster-method", choices=("kmeans", "hdbscan"), default="kmeans")
     add_common_analysis(p)
