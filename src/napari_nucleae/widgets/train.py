@@ -44,7 +44,7 @@ class LossPlot(FigureCanvasQTAgg):
         self.train: list[float] = []
         self.val: list[float] = []
         self.setMinimumHeight(180)
-        self.redraw()
+        self._plot()  # drawn when first shown; a pending redraw would outlive an unshown widget
 
     def set_history(self, epochs, train_loss, val_loss) -> None:
         self.epochs, self.train, self.val = list(epochs), list(train_loss), list(val_loss)
@@ -57,6 +57,10 @@ class LossPlot(FigureCanvasQTAgg):
         self.redraw()
 
     def redraw(self) -> None:
+        self._plot()
+        self.draw_idle()
+
+    def _plot(self) -> None:
         ax = self.axes
         ax.clear()
         ax.plot(self.epochs, self.train, "o-", label="train")
@@ -65,7 +69,6 @@ class LossPlot(FigureCanvasQTAgg):
         ax.set_ylabel("loss")
         if self.epochs:
             ax.legend(loc="upper right")
-        self.draw_idle()
 
 
 class TrainWidget(Container):
