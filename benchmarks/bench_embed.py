@@ -55,7 +55,7 @@ def build_project(path: Path, n: int, size: int) -> Project:
     return project
 
 
-def build_model(path: Path, size: int, filters: int) -> Path:
+def train_model(path: Path, size: int, filters: int) -> Path:
     """Train the benchmark network for one epoch on a small project; its checkpoint folder."""
     project = build_project(path, MODEL_CROPS, size)
     config = ModelConfig("ae", crop_size=size, base_filters=filters)
@@ -118,7 +118,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        model = build_model(Path(tmp) / "model-project", args.crop_size, args.filters)
+        model = train_model(Path(tmp) / "model-project", args.crop_size, args.filters)
         for n in args.sizes:
             path = Path(tmp) / f"project-{n}"
             build_project(path, n, args.crop_size)

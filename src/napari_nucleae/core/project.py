@@ -89,7 +89,7 @@ def project_latents(
         if method == "umap":
             out = _umap(x, n_neighbors, min_dist, seed, max_fit, report)
         else:
-            threads = n_jobs if n_jobs is not None else (1 if seed is not None else -1)
+            threads = n_jobs if n_jobs is not None else _threads(seed)
             out = _tsne(x, perplexity, seed, threads, max_fit, report)
     report(1, 1, "done")
     return np.ascontiguousarray(out, dtype=np.float32)
@@ -116,6 +116,11 @@ def _pca(x: np.ndarray, components: Sequence[int], seed: int | None) -> np.ndarr
         )
     scores = PCA(n_components=n_components, random_state=seed).fit_transform(x)
     return scores[:, list(components)]
+
+
+def _threads(seed: int | None) -> int:
+    """One thread for a seeded (reproducible) run, every core (-1) for an unseeded one."""
+    return 1 if seed is not None else -1
 
 
 Placer = Callable[[np.ndarray], np.ndarray]
@@ -157,7 +162,7 @@ def _umap(
         min_dist=min_dist,
         n_components=2,
         random_state=seed,
-        n_jobs=1 if seed is not None else -1,
+        n_jobs=_threads(seed),
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs.*")
