@@ -62,13 +62,17 @@ def test_interrupted_append_leaves_the_previous_state(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         project.append({"image_id": "b"}, *_batch(7, seed=1))
     monkeypatch.undo()
-    assert project.crops.shape[0] == 12  # the array grew before the failure...
     reopened = Project.open(tmp_path / "p")
-    assert len(reopened) == 5 and len(reopened.table()) == 5  # ...and is trimmed on open
+    assert reopened.crops.shape[0] == 12  # the array grew before the failure...
+    assert len(reopened) == 5 and len(reopened.table()) == 5  # ...but only 5 rows are committed
     assert reopened.images()["image_id"].tolist() == ["a"]
-    assert not (tmp_path / "p" / ".write.lock").exists()
-    reopened.append({"image_id": "b"}, *_batch(2, seed=3))
-    assert len(Project.open(tmp_path / "p")) == 7
+    np.testing.assert_allclose(reopened.read_crops(slice(None)), crops, atol=1e-4)
+    assert (tmp_path / "p" / ".write.lock").read_text() == ""  # released
+    reopened.append({"image_id": "b"}, *_batch(2, seed=3))  # overwrites the unfinished rows
+    again = Project.open(tmp_path / "p")
+    assert len(again) == again.crops.shape[0] == 7
+    assert again.images()["image_id"].tolist() == ["a", "b"]
+    assert not (tmp_path / "p" / ".append.pending").exists()
 
 
 def test_features_join_the_table(tmp_path):
@@ -104,10 +108,15 @@ def test_misuse_gives_clear_errors(tmp_path):
         Project.open(tmp_path / "p")
 
 
-def test_a_second_writer_is_refused(tmp_path):
+def test_a_second_writer_is_refused_after_waiting(tmp_path, monkeypatch):
     project = Project.create(tmp_path / "p", CropParams(size=16))
-    with project._lock(), pytest.raises(ProjectError, match="another process"):
+    monkeypatch.setattr(store, "LOCK_TIMEOUT", 0.2)
+    other = Project.open(tmp_path / "p")
+    with project._lock(), pytest.raises(ProjectError, match=r"another process \(PID \d+\)"):
+        other.append({"image_id": "a"}, *_batch(1))
+    with project._lock():  # re-entrant for its holder
         project.append({"image_id": "a"}, *_batch(1))
+    assert len(Project.open(tmp_path / "p")) == 1
 
 
 def test_categorical_features_stay_categorical(tmp_path):

@@ -64,6 +64,11 @@ def check_state(project: Project, crops: list[np.ndarray], ids: list[str], atol:
         assert images["first_crop"].tolist() == np.cumsum([0, *map(len, crops)])[:-1].tolist()
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @settings(max_examples=30, deadline=None, database=None)
 @given(
     steps=st.lists(st.tuples(st.integers(0, 9), st.sampled_from(STAGES)), min_size=1, max_size=6),
@@ -91,6 +96,8 @@ def test_appends_equal_the_concatenation_of_the_completed_batches(steps, storage
                     assert added == range(len(project) - n, len(project))
                     done_crops.append(crops)
                     done_ids.append(f"img{i}")
-            assert not (path / ".write.lock").exists()
+            assert (path / ".write.lock").read_text() == ""  # released
+            before = files_of(path)
             check_state(Project.open(path), done_crops, done_ids, atol)
+            assert files_of(path) == before  # reading changed nothing
         check_state(project, done_crops, done_ids, atol)

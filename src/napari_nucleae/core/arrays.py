@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError, NucleaeError
+
 # dask's synchronous scheduler reads in the calling thread, and is safe inside Dask workers
 SCHEDULER = "synchronous"
 
@@ -30,11 +32,21 @@ def as_array(image: Any) -> Any:
 
 
 def read_plane(image: Any, index: int | EllipsisType) -> np.ndarray:
-    """``image[index]`` in memory."""
+    """``image[index]`` in memory; pixels that cannot be decoded (a truncated or damaged
+    file behind a lazy array) raise :class:`InputError`."""
     part = image[index]
     if isinstance(part, np.ndarray):
         return part
-    return np.asarray(part.compute(scheduler=SCHEDULER))
+    try:
+        return np.asarray(part.compute(scheduler=SCHEDULER))
+    except (NucleaeError, MemoryError):
+        raise
+    except Exception as err:  # codecs and stores raise many kinds on damaged data
+        where = "" if index is ... else f" (plane {index})"
+        raise InputError(
+            f"the image's pixels could not be read{where}: {type(err).__name__}: {err}; the "
+            "file may be truncated or damaged"
+        ) from err
 
 
 def plane_indices(image: Any) -> range | list[EllipsisType]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +54,13 @@ class ImageResult:
         return 0 if self.crops is None else len(self.crops.crops)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An image that could not be processed, and why (returned, not raised, by workers)."""
+
+    message: str
+
+
 @dataclass
 class IngestSummary:
     """What an ingest run did, image by image."""
@@ -69,11 +77,35 @@ class IngestSummary:
 
 
 # ---------------------------------------------------------------------------- files
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path: str | os.PathLike) -> Path:
+    """``path`` when it is a regular file (links followed); a folder, FIFO, device, socket or
+    dangling link raises :class:`InputError` before anything is read from it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        kind = "a dangling symbolic link" if path.is_symlink() else "missing"
+        raise InputError(f"{path} is {kind}: there is no image file to read") from None
+    except OSError as err:
+        raise InputError(f"{path} cannot be read: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise InputError(f"{path} is {kind}, not an image file")
+    return path
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file (TIFF through tifffile, other formats through scikit-image)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no image file at {path}")
+    path = check_regular_file(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -90,12 +122,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def open_image(path: str | os.PathLike) -> Iterator[Any]:
     """An image file as an array: TIFFs lazily through zarr (so that only the planes being
     processed are in memory), other formats read whole."""
-    path = Path(path)
+    path = check_regular_file(path)
     if path.suffix.lower() not in (".tif", ".tiff"):
         yield read_image(path)
         return
-    if not path.is_file():
-        raise InputError(f"no image file at {path}")
     import tifffile
     import zarr
 
@@ -132,6 +162,21 @@ def array_checksum(image: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def image_identity(image: Any, path: str | os.PathLike | None = None) -> str:
+    """The id of an image in a project, the same from the CLI and the viewer: the checksum of
+    the file at ``path`` when it is a regular file holding ``image`` (same shape and dtype:
+    not, say, one channel split off it), else the checksum of the pixels."""
+    if path is not None:
+        try:
+            with open_image(check_regular_file(path)) as stored:
+                same = tuple(stored.shape) == tuple(image.shape) and stored.dtype == image.dtype
+        except InputError:
+            same = False
+        if same:
+            return file_checksum(path)
+    return array_checksum(image)
+
+
 def expand_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
     """Files, folders (searched recursively for images) and glob patterns → image paths."""
     paths: list[Path] = []
@@ -156,19 +201,21 @@ def process_image(
     *,
     image_id: str | None = None,
     path: str = "",
+    file: str | os.PathLike | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> ImageResult:
     """Segment and crop one image (2-D, a stack, or multichannel with a channel choice).
 
-    A dask or zarr ``image`` is read one plane at a time. ``image_id`` defaults to the
-    checksum of the pixels (computed once the image passed the checks).
+    A dask or zarr ``image`` is read one plane at a time. ``image_id`` defaults to
+    :func:`image_identity` of the image and the ``file`` it came from (computed once the
+    image passed the checks).
     """
     image = as_array(image)
     planes, is_stack = prepare_planes(
         image, params.channel, params.channel_axis, params.segment.max_plane_pixels
     )
-    image_id = image_id or array_checksum(image)
+    image_id = image_id or image_identity(image, file)
     seg = segment_planes(planes, params.segment, progress=progress, should_stop=should_stop)
     if not is_stack:
         planes, seg.labels = planes[0], seg.labels[0]
@@ -189,21 +236,25 @@ def process_image(
     return ImageResult(record, seg, crops)
 
 
-def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult:
-    """Read and process one image file (the unit of work sent to Dask workers)."""
-    with open_image(path) as image:
-        return process_image(image, params, image_id=image_id, path=path)
+def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult | Failure:
+    """Read and process one image file (the unit of work sent to Dask workers). A file that
+    cannot be used comes back as a :class:`Failure`: raised, Dask would log it as a crash."""
+    try:
+        with open_image(path) as image:
+            return process_image(image, params, image_id=image_id, path=path)
+    except NucleaeError as err:
+        return Failure(str(err))
 
 
-def add_to_project(project: Project, result: ImageResult) -> range:
-    """Store one processed image's segmentation and append its crops to the project (an
-    image with no nuclei adds no crops)."""
-    project.write_labels(result.record["image_id"], result.segmentation.labels)
+def add_to_project(project: Project, result: ImageResult) -> range | None:
+    """Store one processed image's segmentation and crops in the project (an image with no
+    nuclei adds no crops); None, and nothing written, when the project already holds the
+    image (the check and the write are one step under the project's writer lock)."""
+    labels = result.segmentation.labels
     if result.crops is None:
-        return project.append(
-            result.record, np.zeros((0, project.crop_size, project.crop_size)), pd.DataFrame()
-        )
-    return project.append(result.record, result.crops.crops, result.crops.table)
+        empty = np.zeros((0, project.crop_size, project.crop_size))
+        return project.append_new(result.record, empty, pd.DataFrame(), labels)
+    return project.append_new(result.record, result.crops.crops, result.crops.table, labels)
 
 
 # ---------------------------------------------------------------------------- many images
@@ -219,24 +270,57 @@ def ingest(
 ) -> IngestSummary:
     """Process image files in parallel through Dask and append them to ``project``.
 
-    Images already in the project (same file checksum) are skipped, so re-runs are
-    idempotent. ``scheduler`` is a ``dask.distributed`` address; by default a local
-    in-process cluster is used. Only the calling process writes to the project.
+    Images already in the project (same file checksum) are skipped, so re-runs, and
+    other processes ingesting the same files at the same time, add nothing twice. A file
+    that cannot be used (not a regular file, unreadable, no usable pixels) is listed in
+    ``failed`` and the others go on. ``scheduler`` is a ``dask.distributed`` address; by
+    default a local in-process cluster is used. Only the calling process writes to the
+    project.
     """
-    from distributed import Client, LocalCluster, as_completed
-
     summary = IngestSummary()
+    todo = _plan(paths, project, summary)
+    if todo:
+        _run(todo, project, params, summary, scheduler, workers, progress, should_stop)
+    summary.notes.extend(note for note in project.notes if note not in summary.notes)
+    return summary
+
+
+def _plan(
+    paths: Iterable[str | os.PathLike], project: Project, summary: IngestSummary
+) -> list[tuple[str, str]]:
+    """The ``(path, image_id)`` pairs to process: regular files not yet in the project."""
     todo: list[tuple[str, str]] = []
     known = set(project.images()["image_id"])
     for path in map(str, paths):
-        image_id = file_checksum(path)
+        try:
+            image_id = file_checksum(check_regular_file(path))
+        except InputError as err:
+            summary.failed.append((path, str(err)))
+            continue
+        except OSError as err:  # e.g. no permission to read it
+            summary.failed.append((path, f"cannot be read: {err.strerror or err}"))
+            continue
         if image_id in known:
             summary.skipped.append(path)
         else:
             known.add(image_id)
             todo.append((path, image_id))
-    if not todo:
-        return summary
+    return todo
+
+
+def _run(
+    todo: list[tuple[str, str]],
+    project: Project,
+    params: IngestParams,
+    summary: IngestSummary,
+    scheduler: str | None,
+    workers: int | None,
+    progress: Progress | None,
+    should_stop: ShouldStop | None,
+) -> None:
+    """Process ``todo`` through Dask, writing each image to the project as it finishes."""
+    from distributed import Client, LocalCluster, as_completed
+
     workers = workers or min(4, os.cpu_count() or 1)
     cluster = (
         None
@@ -272,20 +356,19 @@ def ingest(
             submit_next()
     if cluster is not None:
         cluster.close()
-    return summary
 
 
 def _collect(project: Project, path: str, future, summary: IngestSummary) -> None:
     """Write one finished image to the project and record the outcome."""
-    try:
-        result: ImageResult = future.result()
-    except NucleaeError as err:
-        summary.failed.append((path, str(err)))
+    result: ImageResult | Failure = future.result()
+    if isinstance(result, Failure):
+        summary.failed.append((path, result.message))
         return
     if result.segmentation.note and result.segmentation.note not in summary.notes:
         summary.notes.append(result.segmentation.note)
-    add_to_project(project, result)
-    if result.crops is None:
+    if add_to_project(project, result) is None:
+        summary.skipped.append(path)  # another process added it meanwhile
+    elif result.crops is None:
         summary.empty.append(path)
     else:
         summary.added.append((path, result.n_crops))
@@ -305,8 +388,17 @@ def process_layer(
     params: IngestParams,
     *,
     name: str,
+    path: str | os.PathLike | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> ImageResult:
-    """Process a napari layer's data (NumPy, dask or zarr) and id it by its pixels."""
-    return process_image(image, params, path=name, progress=progress, should_stop=should_stop)
+    """Process a napari layer's data (NumPy, dask or zarr). ``path`` is the file the layer was
+    opened from, if any: see :func:`image_identity` (the id the CLI gives that file)."""
+    return process_image(
+        image,
+        params,
+        path=str(path) if path is not None else name,
+        file=path,
+        progress=progress,
+        should_stop=should_stop,
+    )

@@ -10,26 +10,35 @@ Layout::
     models/<name>/        checkpoints
     latents/<name>.zarr   (N, D) float32
     labels/<image>.zarr   each image's segmentation (so a reopened project shows its nuclei)
+    .write.lock           the writer lock (an advisory lock on the file; the holder's PID inside)
+    .append.pending       present while an append is under way (or was interrupted)
 
-The crops part file is the commit point of an append: the crops array is grown and written
-first, then the images part, then the crops part is renamed into place. Opening a project
-trims crop rows and image parts that no committed crops part accounts for, so the array and
-the table always agree in length after any failure.
+The crops part file is the commit point of an append: under the writer lock ``.append.pending``
+is written, the crops array is grown and written, then the images part, then the crops part is
+renamed into place and ``.append.pending`` removed. Nothing ever deletes committed data:
+readers see the committed rows only (crop rows past them and an images part without its crops
+part are the unfinished append that ``.append.pending`` announces), and the next append
+overwrites them. A state no unfinished append explains (a table part or chunk gone) is
+reported as an error naming the file, and left as it is.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,9 +46,14 @@ import zarr
 
 from .errors import InputError, ProjectError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer to finish
+FEATURES = "features.parquet"
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # as core.model.check_model_name
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,15 @@ class ProjectMeta:
     def from_json(cls, text: str) -> ProjectMeta:
         data = json.loads(text)
         data["crop"] = CropParams.from_dict(data["crop"])
-        return cls(**data)
+        meta = cls(**data)
+        check_active_model(meta.active_model)
+        return meta
+
+
+def check_active_model(name: object) -> None:
+    """``active_model`` is None or a plain model name (never a path)."""
+    if name is not None and not (isinstance(name, str) and MODEL_NAME.fullmatch(name)):
+        raise ValueError(f"active_model must be a model name, not {name!r}")
 
 
 def _now() -> str:
@@ -156,43 +178,99 @@ def _part_name(index: int) -> str:
     return f"part-{index:08d}.parquet"
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the advisory writer lock on ``fd`` without waiting; False while another holds it.
+
+    The operating system releases it when its holder ends, however it ends (``kill -9``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(fd: int) -> str:
+    """The PID written in a lock file ('' when empty or unreadable)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 32).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _set_holder(fd: int, text: str) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, text.encode())
+
+
 class Project:
-    """An on-disk napari-nucleae project. Reads are lazy; appends are crash-safe."""
+    """An on-disk napari-nucleae project. Reads are lazy and see committed rows only; appends
+    are crash-safe and serialised by the writer lock."""
 
     def __init__(self, path: str | os.PathLike, meta: ProjectMeta):
         self.path = Path(path)
         self.meta = meta
+        self.notes: list[str] = []  # e.g. a stale writer lock taken over
         self._table_cache: pd.DataFrame | None = None
         self._part_rows: dict[str, int] = {}  # committed crops parts never change
+        self._committed: list[str] | None = None  # committed part names, read on first use
+        self._n_rows = 0
+        self._lock_depth = 0
 
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: str | os.PathLike, crop: CropParams | None = None) -> Project:
-        """Create an empty project; fails if ``path`` already holds one."""
+        """Create an empty project; fails if ``path`` already holds one. The project is built
+        beside ``path`` and renamed into place, so a concurrent creator never sees half."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ProjectError(f"{path} is a file, not a folder; choose a folder for the project")
         if (path / "project.json").exists():
             raise ProjectError(f"{path} already contains a project; open it instead")
         if path.exists() and any(path.iterdir()):
             raise ProjectError(f"{path} is not empty; choose a new or empty folder for a project")
         crop = crop or CropParams()
-        path.mkdir(parents=True, exist_ok=True)
-        zarr.open_array(
-            str(path / "crops.zarr"),
-            mode="w",
-            shape=(0, crop.size, crop.size),
-            chunks=(chunk_rows(crop.size, crop.storage_dtype), crop.size, crop.size),
-            dtype=crop.storage_dtype,
-        )
-        (path / "crops.parquet").mkdir()
-        (path / "images.parquet").mkdir()
-        meta = ProjectMeta(crop=crop)
-        atomic_write_bytes(path / "project.json", meta.to_json().encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
+        try:
+            zarr.create_array(
+                str(staging / "crops.zarr"),
+                shape=(0, crop.size, crop.size),
+                chunks=(chunk_rows(crop.size, crop.storage_dtype), crop.size, crop.size),
+                dtype=crop.storage_dtype,
+                compressors=zarr.codecs.ZstdCodec(level=0, checksum=True),
+            )
+            (staging / "crops.parquet").mkdir()
+            (staging / "images.parquet").mkdir()
+            meta = ProjectMeta(crop=crop)
+            atomic_write_bytes(staging / "project.json", meta.to_json().encode())
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, path)  # replaces an empty folder, fails on a non-empty one
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ProjectError(f"{path} already contains a project; open it instead") from err
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return cls(path, meta)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Project:
-        """Open an existing project, repairing any interrupted append."""
+        """Open an existing project (read only: nothing on disk changes)."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ProjectError(f"{path} is a file, not a napari-nucleae project folder")
         meta_file = path / "project.json"
         if not meta_file.exists():
             raise ProjectError(f"{path} is not a napari-nucleae project (no project.json)")
@@ -209,59 +287,109 @@ class Project:
             if not (path / needed).exists():
                 raise ProjectError(f"{path} is incomplete: {needed} is missing")
         project = cls(path, meta)
-        project._repair()
+        project.refresh()
         return project
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, crop: CropParams | None = None) -> Project:
         """Open ``path`` if it holds a project (checking crop parameters), else create one."""
-        if (Path(path) / "project.json").exists():
-            project = cls.open(path)
-            if crop is not None and crop != project.meta.crop:
-                raise ProjectError(
-                    f"{path} holds crops made with {project.meta.crop}; "
-                    f"these settings differ ({crop}). Use the project's settings or a new folder."
-                )
-            return project
-        return cls.create(path, crop)
+        if not (Path(path) / "project.json").exists():
+            try:
+                return cls.create(path, crop)
+            except ProjectError:
+                if not (Path(path) / "project.json").exists():
+                    raise  # not a concurrent creator that was quicker
+        project = cls.open(path)
+        if crop is not None and crop != project.meta.crop:
+            raise ProjectError(
+                f"{path} holds crops made with {project.meta.crop}; "
+                f"these settings differ ({crop}). Use the project's settings or a new folder."
+            )
+        return project
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ committed state
+    def refresh(self) -> None:
+        """Read which rows are committed, checking that every committed file is there.
+
+        A listing taken while another process appends can look inconsistent for a moment;
+        it is read again. A state no unfinished append explains raises :class:`ProjectError`
+        naming the missing file; nothing is changed."""
+        problem = None
+        for _ in range(5):
+            problem = self._read_committed()
+            if problem is None:
+                return
+        raise ProjectError(f"{problem}; nothing was changed. Restore the file from a backup")
+
+    def _read_committed(self) -> str | None:
+        """Take the committed parts; a problem an append under way might explain, or None."""
+        parts = self._part_names("crops.parquet")
+        expected = [_part_name(i) for i in range(len(parts))]
+        if parts != expected:
+            missing = next(e for e, p in zip(expected, parts, strict=True) if e != p)
+            raise ProjectError(
+                f"{self.path / 'crops.parquet' / missing} is missing (a crop table part); "
+                "nothing was changed. Restore it from a backup"
+            )
+        images = set(self._part_names("images.parquet"))
+        for name in parts:
+            if name not in images:
+                raise ProjectError(
+                    f"{self.path / 'images.parquet' / name} is missing (an image table part); "
+                    "nothing was changed. Restore it from a backup"
+                )
+        n_rows = self._count_rows(parts)
+        stored = int(self.crops.shape[0])
+        if stored < n_rows:
+            raise ProjectError(
+                f"{self.path} is corrupted: the table lists {n_rows} crops but crops.zarr holds "
+                f"{stored}; nothing was changed. Restore crops.zarr from a backup"
+            )
+        extra = sorted(images - set(parts))
+        if (extra or stored > n_rows) and not (self.path / ".append.pending").exists():
+            if extra:
+                return (
+                    f"{self.path / 'crops.parquet' / extra[0]} is missing: "
+                    f"images.parquet/{extra[0]} records an image whose crop table is gone"
+                )
+            return (
+                f"crops.zarr holds {stored} crops but the table lists {n_rows}: the last "
+                "crops.parquet and images.parquet parts are missing"
+            )
+        self._committed, self._n_rows, self._table_cache = parts, n_rows, None
+        return None
+
+    def _committed_parts(self) -> list[str]:
+        if self._committed is None:
+            self.refresh()
+        return list(self._committed)
+
     def _part_names(self, table: str) -> list[str]:
         """Sorted part file names (plain strings: cheap with thousands of parts)."""
         names = os.listdir(self.path / table)
         return sorted(n for n in names if n.startswith("part-") and n.endswith(".parquet"))
 
-    def _parts(self, table: str) -> list[Path]:
-        return [self.path / table / name for name in self._part_names(table)]
-
-    def _repair(self) -> None:
-        """Drop whatever an interrupted append left behind."""
-        committed = set(self._part_names("crops.parquet"))
-        for orphan in set(self._part_names("images.parquet")) - committed:
-            (self.path / "images.parquet" / orphan).unlink()
-        n = self._count_rows()
-        arr = self.crops
-        if arr.shape[0] > n:
-            arr.resize((n, *arr.shape[1:]))
-        elif arr.shape[0] < n:
-            raise ProjectError(
-                f"{self.path} is corrupted: the table lists {n} crops but crops.zarr holds "
-                f"{arr.shape[0]}"
-            )
-
-    def _count_rows(self) -> int:
+    def _count_rows(self, names: list[str]) -> int:
         import pyarrow.parquet as pq
 
-        names = self._part_names("crops.parquet")
         for name in names:
             if name not in self._part_rows:
                 path = self.path / "crops.parquet" / name
-                self._part_rows[name] = pq.ParquetFile(path).metadata.num_rows
+                self._part_rows[name] = _checked(
+                    path, lambda p: pq.ParquetFile(p).metadata.num_rows
+                )
         return sum(self._part_rows[name] for name in names)
 
-    def _touch(self) -> None:
-        self.meta.updated = _now()
-        atomic_write_bytes(self.path / "project.json", self.meta.to_json().encode())
+    def _inside(self, *parts: str) -> Path:
+        """``path / parts``, refusing '..' or a symbolic link that leads out of the project."""
+        target = self.path.joinpath(*parts)
+        root, resolved = self.path.resolve(), target.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise ProjectError(
+                f"{target} leads outside the project folder (to {resolved}); a project writes "
+                "only inside its folder: replace the link with a real folder"
+            )
+        return target
 
     # ------------------------------------------------------------------ reading
     @property
@@ -270,23 +398,70 @@ class Project:
 
     @property
     def crops(self) -> zarr.Array:
-        """The lazily read crops array (stored dtype)."""
-        return zarr.open_array(str(self.path / "crops.zarr"), mode="a")
+        """The lazily read crops array (stored dtype; rows past ``len(self)`` are an
+        unfinished append)."""
+        path = self.path / "crops.zarr"
+        return _checked(path, lambda p: zarr.open_array(str(p), mode="r"))
 
     def __len__(self) -> int:
-        return int(self.crops.shape[0])
+        self._committed_parts()
+        return self._n_rows
 
     def read_crops(self, index: slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Crops as float32 in [0, 1]; ``index`` is a slice or sorted-or-not integer indices."""
-        arr = self.crops
+        """Crops as float32 in [0, 1]; ``index`` is a slice or sorted-or-not integer indices
+        of committed rows. A missing or corrupted chunk file raises :class:`ProjectError`."""
+        n, arr = len(self), self.crops
         if isinstance(index, slice):
-            return from_storage(np.asarray(arr[index]))
+            start, stop, step = index.indices(n)
+            if step == 1:
+                rows = range(start, max(start, stop))
+                return from_storage(self._read(arr, rows, lambda: arr[rows.start : rows.stop]))
+            index = np.arange(start, stop, step)
         idx = np.asarray(index, dtype=np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"crop index out of range: the project holds {n} crops")
+        idx = np.where(idx < 0, idx + n, idx)
         order = np.argsort(idx, kind="stable")
         out = np.empty((len(idx), *arr.shape[1:]), dtype=np.float32)
         if len(idx):
-            out[order] = from_storage(np.asarray(arr.get_orthogonal_selection((idx[order],))))
+            sel = idx[order]
+            out[order] = from_storage(
+                self._read(arr, sel, lambda: arr.get_orthogonal_selection((sel,)))
+            )
         return out
+
+    def _read(
+        self, arr: zarr.Array, rows: range | np.ndarray, read: Callable[[], Any]
+    ) -> np.ndarray:
+        """``read()`` after checking that the chunk files of ``rows`` exist (zarr would fill
+        a missing one with zeros); a chunk that cannot be decoded is named."""
+        step = arr.chunks[0]
+        chunks = (
+            range(rows.start // step, (rows.stop - 1) // step + 1)
+            if isinstance(rows, range)
+            else np.unique(rows // step)
+        )
+        if not len(rows):
+            chunks = range(0)
+        for chunk in chunks:
+            file = self._chunk_file(arr, int(chunk))
+            if not file.is_file():
+                raise ProjectError(
+                    f"{file} is missing: crops {chunk * step}-{(chunk + 1) * step - 1} cannot "
+                    "be read (they would read as blank crops). Restore the file from a backup"
+                )
+        try:
+            return np.asarray(read())
+        except Exception as err:  # zarr and its codecs raise many kinds on damaged chunks
+            bad = next((int(c) for c in chunks if not _decodes(arr, int(c))), None)
+            where = self.path / "crops.zarr" if bad is None else self._chunk_file(arr, bad)
+            raise ProjectError(
+                f"{where} is corrupted ({type(err).__name__}: {err}). Restore it from a backup"
+            ) from err
+
+    def _chunk_file(self, arr: zarr.Array, chunk: int) -> Path:
+        key = arr.metadata.encode_chunk_key((chunk, *(0,) * (arr.ndim - 1)))
+        return self.path / "crops.zarr" / key
 
     def iter_crops(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, crops)`` batches in storage order."""
@@ -296,9 +471,9 @@ class Project:
     def table(self, with_features: bool = True) -> pd.DataFrame:
         """The crop table (provenance, plus derived feature columns when present)."""
         if self._table_cache is None:
-            parts = self._parts("crops.parquet")
+            parts = [self.path / "crops.parquet" / n for n in self._committed_parts()]
             self._table_cache = (
-                pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+                pd.concat([_checked(p, pd.read_parquet) for p in parts], ignore_index=True)
                 if parts
                 else pd.DataFrame({"crop_index": pd.Series(dtype="int64")})
             )
@@ -311,11 +486,11 @@ class Project:
         return table
 
     def images(self) -> pd.DataFrame:
-        """One row per ingested source image."""
-        parts = self._parts("images.parquet")
+        """One row per ingested source image (committed appends only)."""
+        parts = [self.path / "images.parquet" / n for n in self._committed_parts()]
         if not parts:
             return pd.DataFrame({"image_id": pd.Series(dtype=str)})
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        return pd.concat([_checked(p, pd.read_parquet) for p in parts], ignore_index=True)
 
     def has_image(self, image_id: str) -> bool:
         images = self.images()
@@ -328,10 +503,10 @@ class Project:
             return pd.DataFrame(index=pd.RangeIndex(0))
         import pyarrow.parquet as pq
 
-        stored = pq.read_table(path)
+        stored = _checked(path, pq.read_table)
         features = stored.to_pandas()
-        for column in stored.schema.pandas_metadata["columns"]:  # pyarrow drops integer ones
-            name = column["name"]
+        for column in (stored.schema.pandas_metadata or {}).get("columns", []):
+            name = column["name"]  # pyarrow drops integer categoricals; restore them
             if column["pandas_type"] == "categorical" and features[name].dtype != "category":
                 features[name] = pd.Categorical(features[name])
         return features
@@ -339,6 +514,30 @@ class Project:
     # ------------------------------------------------------------------ writing
     def append(self, image: dict, crops: np.ndarray, table: pd.DataFrame) -> range:
         """Append one image's crops and rows; returns the crop indices they received."""
+        crops = self._check_batch(crops, table)
+        with self._lock():
+            return self._append_locked(image, crops, table)
+
+    def append_new(
+        self,
+        image: dict,
+        crops: np.ndarray,
+        table: pd.DataFrame,
+        labels: np.ndarray | None = None,
+    ) -> range | None:
+        """:meth:`append` (with the image's ``labels`` stored too) unless the project already
+        holds ``image["image_id"]``; then nothing is written and None is returned. The
+        check and the write are one step under the writer lock."""
+        crops = self._check_batch(crops, table)
+        with self._lock():
+            self.refresh()
+            if self.has_image(image["image_id"]):
+                return None
+            if labels is not None:
+                self.write_labels(image["image_id"], labels)
+            return self._append_locked(image, crops, table)
+
+    def _check_batch(self, crops: np.ndarray, table: pd.DataFrame) -> np.ndarray:
         size = self.crop_size
         crops = np.asarray(crops)
         if crops.ndim != 3 or crops.shape[1:] != (size, size):
@@ -347,62 +546,130 @@ class Project:
             )
         if len(table) != len(crops):
             raise ProjectError(f"{len(crops)} crops but {len(table)} table rows")
-        with self._lock():
-            self._repair()
-            start = len(self)
-            stop = start + len(crops)
-            arr = self.crops
-            if len(crops):
-                arr.resize((stop, size, size))
-                arr[start:stop] = to_storage(crops, self.meta.crop.storage_dtype)
-            part = _part_name(len(self._part_names("crops.parquet")))
-            image_row = pd.DataFrame([{**image, "n_crops": len(crops), "first_crop": start}])
-            atomic_write_parquet(self.path / "images.parquet" / part, image_row)
-            rows = table.reset_index(drop=True).copy()
-            rows.insert(0, "crop_index", np.arange(start, stop, dtype=np.int64))
-            atomic_write_parquet(self.path / "crops.parquet" / part, rows)
-            self._table_cache = None
-            self._touch()
+        return crops
+
+    def _append_locked(self, image: dict, crops: np.ndarray, table: pd.DataFrame) -> range:
+        """The append itself (the caller holds the writer lock); see the module docstring."""
+        self.refresh()
+        size, parts = self.crop_size, self._committed_parts()
+        start, stop = len(self), len(self) + len(crops)
+        part = _part_name(len(parts))
+        pending = self._inside(".append.pending")
+        atomic_write_bytes(pending, part.encode())
+        arr = zarr.open_array(
+            str(self._inside("crops.zarr")), mode="r+", config={"write_empty_chunks": True}
+        )
+        self._inside("crops.zarr", "c")
+        if arr.shape[0] != stop:
+            arr.resize((stop, size, size))
+        if len(crops):
+            arr[start:stop] = to_storage(crops, self.meta.crop.storage_dtype)
+        image_row = pd.DataFrame([{**image, "n_crops": len(crops), "first_crop": start}])
+        atomic_write_parquet(self._inside("images.parquet", part), image_row)
+        rows = table.reset_index(drop=True).copy()
+        rows.insert(0, "crop_index", np.arange(start, stop, dtype=np.int64))
+        self._update_meta()
+        atomic_write_parquet(self._inside("crops.parquet", part), rows)  # the commit
+        pending.unlink()
+        self._committed, self._n_rows, self._table_cache = [*parts, part], stop, None
+        self._part_rows[part] = len(rows)
         return range(start, stop)
 
     def write_features(self, columns: pd.DataFrame) -> None:
         """Add or replace derived per-crop columns (one row per crop, in crop order)."""
-        if len(columns) != len(self):
-            raise ProjectError(f"{len(columns)} feature rows for {len(self)} crops")
-        features = self.features()
-        if len(features) != len(self):
-            features = pd.DataFrame(index=pd.RangeIndex(len(self)))
-        for column in columns.columns:
-            features[column] = columns[column].array  # keeps categoricals
-        atomic_write_parquet(self.path / "features.parquet", features)
+        with self._lock():
+            self.refresh()
+            if len(columns) != len(self):
+                raise ProjectError(f"{len(columns)} feature rows for {len(self)} crops")
+            features = self.features()
+            if len(features) != len(self):
+                features = pd.DataFrame(index=pd.RangeIndex(len(self)))
+            for column in columns.columns:
+                features[column] = columns[column].array  # keeps categoricals
+            atomic_write_parquet(self._inside("features.parquet"), features)
+
+    def _update_meta(self, **changes: object) -> None:
+        """Rewrite project.json from its current contents plus ``changes`` (writer lock held),
+        so that two processes never undo each other's changes."""
+        meta_file = self._inside("project.json")
+        try:
+            meta = ProjectMeta.from_json(meta_file.read_text())
+        except (ValueError, KeyError, TypeError) as err:
+            raise ProjectError(f"{meta_file} is corrupted: {err}") from err
+        for name, value in changes.items():
+            setattr(meta, name, value)
+        meta.updated = _now()
+        atomic_write_bytes(meta_file, meta.to_json().encode())
+        self.meta = meta
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
-        """An exclusive writer lock (a lock file created with O_EXCL)."""
-        lock = self.path / ".write.lock"
+    def _lock(self, timeout: float | None = None) -> Iterator[None]:
+        """The exclusive writer lock (re-entrant). Another live writer is waited for up to
+        ``timeout`` seconds (default :data:`LOCK_TIMEOUT`); a lock whose holder ended
+        without releasing it is taken over, with a note."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        lock = self._inside(".write.lock")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError as err:
-            raise ProjectError(
-                f"{self.path} is being written by another process (remove {lock} if none is)"
-            ) from err
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise ProjectError(f"cannot take the writer lock {lock}: {err.strerror}") from err
         try:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            yield
+            self._wait_for_lock(fd, LOCK_TIMEOUT if timeout is None else timeout)
+            stale = _holder(fd)
+            if stale:
+                note = (
+                    f"took over the writer lock of process {stale}, which ended without "
+                    "releasing it; its unfinished append was left out"
+                )
+                self.notes.append(note)
+                log.warning(note)
+            _set_holder(fd, f"{os.getpid()}\n")
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                _set_holder(fd, "")
         finally:
-            lock.unlink(missing_ok=True)
+            os.close(fd)
+
+    def _wait_for_lock(self, fd: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not _try_lock(fd):
+            if time.monotonic() >= deadline:
+                holder = _holder(fd) or "unknown"
+                raise ProjectError(
+                    f"{self.path} is being written by another process (PID {holder}); waited "
+                    f"{timeout:g} s for it to finish. Try again when it has finished"
+                )
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------ models and latents
     def model_dir(self, name: str) -> Path:
-        return self.path / "models" / name
+        """``models/<name>`` for a model name (kept inside the project); anything else is
+        returned as it is, for callers that accept a checkpoint path too."""
+        if not MODEL_NAME.fullmatch(name):
+            return self.path / "models" / name
+        return self._inside("models", name)
 
     def latents_path(self, model: str) -> Path:
-        return self.path / "latents" / f"{model}.zarr"
+        """``latents/<model>.zarr`` (kept inside the project)."""
+        return self._inside("latents", f"{model}.zarr")
 
     def set_active_model(self, name: str | None) -> None:
-        self.meta.active_model = name
-        self._touch()
+        """Make ``name`` (a model name, or None) the active model."""
+        try:
+            check_active_model(name)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        with self._lock():
+            self._update_meta(active_model=name)
 
     # ------------------------------------------------------------------ segmentations
     def labels_path(self, image_id: str) -> Path:
@@ -411,25 +678,56 @@ class Project:
         name = str(image_id)
         if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", name):
             name = hashlib.sha1(name.encode()).hexdigest()[:16]
-        return self.path / "labels" / f"{name}.zarr"
+        return self._inside("labels", f"{name}.zarr")
 
     def write_labels(self, image_id: str, labels: np.ndarray) -> None:
         """Store an image's label image (compressed, in 1024-pixel tiles per plane), written
-        beside its place and renamed in, replacing an earlier one."""
+        beside its place and renamed in, replacing an earlier one (writer lock held)."""
         labels = np.asarray(labels)
-        final = self.labels_path(image_id)
-        final.parent.mkdir(exist_ok=True)
-        tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        chunks = (*(1,) * (labels.ndim - 2), *(min(1024, n) for n in labels.shape[-2:]))
-        out = zarr.open_array(
-            str(tmp), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
-        )
-        out[...] = labels
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with self._lock():
+            final = self.labels_path(image_id)
+            final.parent.mkdir(exist_ok=True)
+            tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            chunks = (*(1,) * (labels.ndim - 2), *(min(1024, n) for n in labels.shape[-2:]))
+            out = zarr.open_array(
+                str(tmp), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
+            )
+            out[...] = labels
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
 
     def read_labels(self, image_id: str) -> zarr.Array | None:
         """An image's stored segmentation (lazy), or None when the project has none."""
         path = self.labels_path(image_id)
         return zarr.open_array(str(path), mode="r") if path.is_dir() else None
+
+
+def _umask() -> int:
+    """The process umask (mkdtemp makes 0700 folders; a project gets the usual mode)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _checked(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, a damaged or unreadable file raising :class:`ProjectError` naming it."""
+    try:
+        return read(path)
+    except FileNotFoundError as err:
+        raise ProjectError(f"{path} is missing; restore it from a backup") from err
+    except Exception as err:  # pyarrow and zarr raise many kinds on damaged files
+        hint = " (or delete it: it holds derived columns only)" if path.name == FEATURES else ""
+        raise ProjectError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); restore it from a backup{hint}"
+        ) from err
+
+
+def _decodes(arr: zarr.Array, chunk: int) -> bool:
+    """Whether chunk ``chunk`` (along the first axis) of ``arr`` decodes."""
+    step = arr.chunks[0]
+    try:
+        arr[chunk * step : (chunk + 1) * step]
+    except Exception:  # see Project._read
+        return False
+    return True
