@@ -67,7 +67,7 @@ def test_ingest_refuses_a_huge_tiff_plane_without_reading_it(tmp_path, capsys):
     tifffile.imwrite(huge, shape=(20_000, 20_000), dtype="uint8")  # sparse: nothing written
     code = main(["ingest", str(huge), "--project", str(tmp_path / "p"), "--workers", "1"])
     out = capsys.readouterr().out
-    assert code == 0 and "0 images added" in out
+    assert code == 1 and "0 images added" in out  # a failed image: exit status 1
     assert f"failed: {huge}: the image plane is 20000×20000 = 400,000,000 pixels" in out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .core.errors import NucleaeError
-from .core.ingest import IngestParams, expand_inputs, ingest, summary_line
+from .core.errors import NucleaeError, describe_os_error
+from .core.ingest import IngestParams, IngestSummary, expand_inputs, ingest, summary_line
 from .core.segment import METHODS, SegmentParams
 from .core.store import CropParams, Project
 
@@ -29,6 +30,55 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# ---------------------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (no nan or inf)."""
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
+def percentage(text: str) -> float:
+    """An argparse type: a finite number from 0 to 100."""
+    value = finite_float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, not {text}")
+    return value
+
+
+def _number(text: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        noun = "whole number" if kind is int else "number"
+        raise argparse.ArgumentTypeError(f"must be a {noun}, not {text!r}") from None
 
 
 # ---------------------------------------------------------------------------- ingest
@@ -49,12 +99,12 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     )
     seg.add_argument(
         "--diameter",
-        type=float,
+        type=positive_float,
         default=None,
         help="nucleus diameter in pixels (default: automatic)",
     )
-    seg.add_argument("--flow-threshold", type=float, default=0.4)
-    seg.add_argument("--cellprob-threshold", type=float, default=0.0)
+    seg.add_argument("--flow-threshold", type=finite_float, default=0.4)
+    seg.add_argument("--cellprob-threshold", type=finite_float, default=0.0)
     seg.add_argument(
         "--gpu",
         action=argparse.BooleanOptionalAction,
@@ -62,7 +112,10 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         help="run cellpose on the GPU (default: when one is available)",
     )
     seg.add_argument(
-        "--channel", type=int, default=None, help="nuclear channel of RGB or multichannel images"
+        "--channel",
+        type=non_negative_int,
+        default=None,
+        help="nuclear channel of RGB or multichannel images",
     )
     seg.add_argument(
         "--channel-axis",
@@ -124,6 +177,14 @@ def ingest_params(args: argparse.Namespace) -> IngestParams:
 
 def run_ingest(paths: Sequence[Path], project_dir: Path, args: argparse.Namespace) -> Project:
     """Ingest ``paths`` into the project at ``project_dir`` and print a summary."""
+    return ingest_and_report(paths, project_dir, args)[0]
+
+
+def ingest_and_report(
+    paths: Sequence[Path], project_dir: Path, args: argparse.Namespace
+) -> tuple[Project, IngestSummary]:
+    """Ingest ``paths``, print one line per note, failure and image without nuclei, then the
+    counts; return the project and the summary."""
     params = ingest_params(args)
     project = Project.open_or_create(project_dir, params.crop)
     bar = ProgressBar("ingest")
@@ -149,14 +210,18 @@ def run_ingest(paths: Sequence[Path], project_dir: Path, args: argparse.Namespac
         f"project {project.path}: {len(project)} crops of {project.crop_size}×"
         f"{project.crop_size} px from {len(project.images())} images"
     )
-    return project
+    return project, summary
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    """Exit status 1 when any image failed (the others are added all the same)."""
     paths = expand_inputs(args.images)
     if not paths:
         raise NucleaeError("no image files found in the given paths")
-    run_ingest(paths, args.project, args)
+    _, summary = ingest_and_report(paths, args.project, args)
+    if summary.failed:
+        print(f"nucleae ingest: {len(summary.failed)} images failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -444,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dask.distributed scheduler address (default: a local cluster)",
     )
-    p.add_argument("--workers", type=int, default=None, help="local worker threads")
+    p.add_argument("--workers", type=positive_int, default=None, help="local worker threads")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", help="train an autoencoder (or PCA baseline) on a project's crops")
@@ -461,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name in the project or a checkpoint path (default: active model)",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", dest="embed_batch_size", type=int, default=None)
+    p.add_argument("--batch-size", dest="embed_batch_size", type=positive_int, default=None)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("project", help="2-D projection (and clusters) of the latents")
@@ -470,13 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument(
         "--components",
-        type=int,
+        type=non_negative_int,
         nargs=2,
         default=(0, 1),
         metavar=("I", "J"),
         help="PCA: the pair of principal components to show",
     )
-    p.add_argument("--clusters", type=int, default=0, help="also cluster into this many groups")
+    p.add_argument(
+        "--clusters", type=non_negative_int, default=0, help="also cluster into this many groups"
+    )
     p.add_argument(
         "--parallel",
         action="store_true",
@@ -485,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-fit",
-        type=int,
+        type=positive_int,
         default=200_000,
         help="UMAP / t-SNE: past this many crops fit a random subsample of this size and place "
         "the rest on it",
@@ -496,9 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outliers", help="flag and list the reconstruction-MSE tails")
     p.add_argument("--project", type=Path, required=True)
-    p.add_argument("--low", type=float, default=1.0, help="lowest-MSE percentage to flag")
-    p.add_argument("--high", type=float, default=1.0, help="highest-MSE percentage to flag")
-    p.add_argument("--show", type=int, default=10, help="rows to print per tail")
+    p.add_argument("--low", type=percentage, default=1.0, help="lowest-MSE percentage to flag")
+    p.add_argument("--high", type=percentage, default=1.0, help="highest-MSE percentage to flag")
+    p.add_argument("--show", type=non_negative_int, default=10, help="rows to print per tail")
     p.set_defaults(func=cmd_outliers)
 
     p = sub.add_parser("represent", help="representative nuclei: decoded centres and nearest crops")
@@ -512,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a table column to group by (e.g. cluster); default: all crops together",
     )
-    p.add_argument("--top", type=int, default=5, help="representatives per centre and metric")
+    p.add_argument(
+        "--top", type=positive_int, default=5, help="representatives per centre and metric"
+    )
     p.add_argument("--stability", action="store_true", help="bootstrap stability of each choice")
     p.add_argument("--export", type=Path, default=None, help="folder for TIFF/PNG + CSV")
     p.add_argument("--overwrite", action="store_true", help="replace files in --export")
@@ -521,9 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("interpolate", help="decode the latent path between two crops")
     p.add_argument("--project", type=Path, required=True)
-    p.add_argument("a", type=int, help="first crop index")
-    p.add_argument("b", type=int, help="second crop index")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("a", type=non_negative_int, help="first crop index")
+    p.add_argument("b", type=non_negative_int, help="second crop index")
+    p.add_argument("--steps", type=positive_int, default=6)
     p.add_argument("--out", type=Path, default=Path("interpolation.png"))
     add_common_analysis(p)
     p.set_defaults(func=cmd_interpolate)
@@ -531,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="the crops most similar to a crop index or an image file")
     p.add_argument("--project", type=Path, required=True)
     p.add_argument("query", help="a crop index of the project, or a crop image file")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     add_common_analysis(p)
     p.set_defaults(func=cmd_search)
@@ -567,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except (NucleaeError, FileExistsError, InterruptedError) as err:
         print(f"nucleae {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the environment: a full disk, no permission ...
+        print(f"nucleae {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"nucleae {args.command}: interrupted", file=sys.stderr)
