@@ -329,33 +329,35 @@ def _run(
             n_workers=1, threads_per_worker=workers, processes=False, dashboard_address=None
         )
     )
-    with Client(scheduler or cluster) as client:
-        pending = iter(todo)
-        running = as_completed()
-        futures: dict = {}
+    try:
+        with Client(scheduler or cluster) as client:
+            pending = iter(todo)
+            running = as_completed()
+            futures: dict = {}
 
-        def submit_next() -> None:
-            item = next(pending, None)
-            if item is not None:
-                future = client.submit(process_file, item[0], params, item[1], pure=False)
-                futures[future] = item[0]
-                running.add(future)
+            def submit_next() -> None:
+                item = next(pending, None)
+                if item is not None:
+                    future = client.submit(process_file, item[0], params, item[1], pure=False)
+                    futures[future] = item[0]
+                    running.add(future)
 
-        for _ in range(2 * workers):
-            submit_next()
-        for done, future in enumerate(running, start=1):
-            path = futures.pop(future)
-            _collect(project, path, future, summary)
-            if progress is not None:
-                progress(done, len(todo), f"{Path(path).name}: {summary_line(summary)}")
-            if should_stop is not None and should_stop():
-                for other in futures:
-                    other.cancel()
-                summary.notes.append("cancelled: the remaining images were not processed")
-                break
-            submit_next()
-    if cluster is not None:
-        cluster.close()
+            for _ in range(2 * workers):
+                submit_next()
+            for done, future in enumerate(running, start=1):
+                path = futures.pop(future)
+                _collect(project, path, future, summary)
+                if progress is not None:
+                    progress(done, len(todo), f"{Path(path).name}: {summary_line(summary)}")
+                if should_stop is not None and should_stop():
+                    for other in futures:
+                        other.cancel()
+                    summary.notes.append("cancelled: the remaining images were not processed")
+                    break
+                submit_next()
+    finally:  # a failed write (a full disk) ends the run
+        if cluster is not None:
+            cluster.close()
 
 
 def _collect(project: Project, path: str, future, summary: IngestSummary) -> None:

@@ -617,7 +617,7 @@ def export_representatives(
         csv = _with_provenance(table, provenance)
         for fmt in formats:
             csv[f"{fmt}_file"] = files[fmt]
-        csv.to_csv(staging / "representatives.csv", index=False)
+        spreadsheet_safe(csv).to_csv(staging / "representatives.csv", index=False)
         return _move_into(staging, out_dir)
     except OSError as err:
         raise write_error(out_dir, err) from err
@@ -659,6 +659,24 @@ def _to_uint8(image: np.ndarray, png_range: tuple[float, float] | None) -> np.nd
     lo, hi = png_range if png_range else (finite.min(initial=0), finite.max(initial=1))
     scaled = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
     return np.round(np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the text cells a spreadsheet would run as a formula (starting with
+    = + - @, a tab or a carriage return: an ``image_path`` like ``=HYPERLINK(...)``) prefixed
+    with ``'``, so that they show as text."""
+    out = frame.copy()
+    for column in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[column]):
+            out[column] = out[column].map(_escape_formula)
+    return out
+
+
+def _escape_formula(value: Any) -> Any:
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def _with_provenance(table: pd.DataFrame, provenance: pd.DataFrame) -> pd.DataFrame:

@@ -128,6 +128,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files only their owner may read
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -144,6 +145,7 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         df.to_parquet(tmp, index=False)
         os.replace(tmp, path)
     except BaseException:
