@@ -15,12 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from napari_nucleae.cli import main
 from napari_nucleae.core import store
 from napari_nucleae.core.embed import embed
 from napari_nucleae.core.errors import describe_os_error
 from napari_nucleae.core.model import ModelConfig
+from napari_nucleae.core.represent import FORMULA_STARTS, spreadsheet_safe
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
 from napari_nucleae.sample import bbbc007_paths
@@ -233,3 +236,14 @@ def test_exported_csv_cells_never_run_as_formulas(embedded, tmp_path):
 )
 def test_environment_faults_read_as_actions(code, expected):
     assert describe_os_error(OSError(code, os.strerror(code), "/data/x")).startswith(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cells=st.lists(st.text(max_size=12), min_size=1, max_size=8))
+def test_no_escaped_cell_starts_a_formula_and_none_loses_text(cells):
+    frame = pd.DataFrame({"image_path": cells, "crop_index": range(len(cells))})
+    safe = spreadsheet_safe(frame)
+    assert safe["crop_index"].tolist() == list(range(len(cells)))
+    for original, cell in zip(cells, safe["image_path"], strict=True):
+        assert not cell.startswith(FORMULA_STARTS)
+        assert cell in (original, f"'{original}")

@@ -1,3 +1,6 @@
+import os
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -5,9 +8,15 @@ import tifffile
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.ingest import (
     IngestParams,
+    add_to_project,
+    array_checksum,
+    check_regular_file,
     expand_inputs,
+    file_checksum,
+    image_identity,
     ingest,
     process_layer,
+    read_image,
 )
 from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
@@ -111,3 +120,46 @@ def test_no_normalisation_refuses_images_it_would_blacken_or_saturate(
         return
     with pytest.raises(InputError, match=message):
         process_layer(synthetic_dtypes[dtype], params, name=dtype)
+
+
+def test_the_viewer_and_the_cli_give_a_file_one_identity(tmp_path):
+    source = bbbc007_paths()[0]
+    pixels = tifffile.imread(source)
+    assert image_identity(pixels, source) == file_checksum(source)
+    assert image_identity(pixels) == image_identity(pixels, tmp_path / "gone.tif")
+    assert image_identity(pixels) != file_checksum(source)
+    assert image_identity(pixels[:100], source) == image_identity(pixels[:100])  # not the file
+    project = Project.create(tmp_path / "p", CLASSICAL.crop)
+    layer = process_layer(pixels, CLASSICAL, name="a layer", path=source)  # the widget's way
+    assert layer.record["path"] == str(source)
+    assert add_to_project(project, layer) == range(0, layer.n_crops)
+    summary = ingest([source], project, CLASSICAL)  # the CLI's way
+    assert summary.skipped == [str(source)] and not summary.added
+    assert add_to_project(project, layer) is None  # already there: nothing written
+    assert len(Project.open(project.path)) == layer.n_crops
+    assert process_layer(pixels, CLASSICAL, name="x").record["image_id"] == array_checksum(pixels)
+
+
+def test_non_regular_files_are_refused_before_reading(tmp_path):
+    os.mkfifo(tmp_path / "pipe.tif")  # reading it would block forever
+    (tmp_path / "dir.tif").mkdir()
+    (tmp_path / "dangling.tif").symlink_to(tmp_path / "nothing")
+    (tmp_path / "zero.tif").symlink_to("/dev/zero")  # reading it would never end
+    expected = {
+        "pipe.tif": "is a named pipe (FIFO), not an image file",
+        "dir.tif": "is a folder, not an image file",
+        "dangling.tif": "is a dangling symbolic link",
+        "zero.tif": "is a character device, not an image file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            check_regular_file(tmp_path / name)
+        with pytest.raises(InputError, match=re.escape(message)):
+            read_image(tmp_path / name)
+    project = Project.create(tmp_path / "p", CLASSICAL.crop)
+    summary = ingest(sorted(tmp_path.glob("*.tif")), project, CLASSICAL)
+    failed = dict(summary.failed)
+    assert sorted(failed) == sorted(str(tmp_path / name) for name in expected)
+    for name, message in expected.items():
+        assert message in failed[str(tmp_path / name)]
+    assert len(project) == 0 and not summary.added
