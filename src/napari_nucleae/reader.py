@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .core.analysis import LAYER_KEY as KEY
+from .core.analysis import layer_features
 from .core.ingest import read_image
 from .core.store import Project
-from .widgets._nuclei import KEY, labels_features
 
 LayerData = tuple[object, dict, str]
 
@@ -50,7 +51,8 @@ def read_project(path: str | os.PathLike | list) -> list[LayerData]:
         source = Path(str(getattr(record, "path", "") or ""))
         name = source.stem or str(record.image_id)
         if source.is_file():
-            layers.append((read_image(source), {"name": name, "metadata": metadata}, "image"))
+            image_meta = {**metadata, "path": str(source)}
+            layers.append((read_image(source), {"name": name, "metadata": image_meta}, "image"))
         rows = table[table["image_id"].astype(str) == str(record.image_id)]
         labels = project.read_labels(str(record.image_id))
         if labels is not None:
@@ -62,7 +64,7 @@ def read_project(path: str | os.PathLike | list) -> list[LayerData]:
 
 def nuclei_labels(labels: np.ndarray, rows: pd.DataFrame, name: str, metadata: dict) -> LayerData:
     """A Labels layer of the stored segmentation with the rows as features by label."""
-    features, names = labels_features(rows, int(labels.max(initial=0)))
+    features, names = layer_features(rows, int(labels.max(initial=0)))
     metadata = {KEY: {**metadata[KEY], "categories": names}}
     return labels, {"name": name, "features": features, "metadata": metadata}, "labels"
 

@@ -114,9 +114,10 @@ def test_features_reach_layers_and_the_clusters_plotter(
 def test_thumbnail_map_and_reopen(make_napari_viewer, qtbot, analysed, show_project):
     viewer, _, widget = _computed(make_napari_viewer, qtbot, analysed, show_project)
     widget.thumbnails_button.clicked.emit()
-    qtbot.waitUntil(lambda: "thumbnail map (PC_0, PC_1)" in viewer.layers, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: "thumbnail map" in viewer.layers, timeout=TIMEOUT)
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
-    canvas = viewer.layers["thumbnail map (PC_0, PC_1)"].data
+    assert viewer.layers["thumbnail map"].metadata["title"] == "thumbnail map (PC_0, PC_1)"
+    canvas = viewer.layers["thumbnail map"].data
     n = len(widget.table)
     side = int(np.ceil(np.sqrt(n)))
     assert canvas.shape == (side * 32, side * 32) and canvas.max() > 0

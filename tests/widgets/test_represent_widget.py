@@ -31,10 +31,11 @@ def test_representatives_layers_highlights_and_export(
         project, centers=["median"], metrics=["cosine"], k=3, pixel_baseline=False
     ).latent.table
     chosen = expected["crop_index"].tolist()
-    practical = viewer.layers["representatives (median, cosine)"]
+    practical = viewer.layers["representatives"]
+    assert practical.metadata["title"] == "representatives (median, cosine)"
     assert practical.metadata["crop_index"] == chosen
     assert practical.data.shape == (32, 3 * 34 - 2)
-    assert viewer.layers["theoretical (median)"].data.shape == (32, 32)
+    assert viewer.layers["theoretical images"].data.shape == (32, 32)
     table = project.table()
     for layer in layers:
         mine = table.loc[chosen]
@@ -46,8 +47,8 @@ def test_representatives_layers_highlights_and_export(
     # per image: one row of crops per group
     widget.scope.value = "image_id"
     _run(qtbot, widget, widget.find_button)
-    assert viewer.layers["representatives (median, cosine)"].data.shape == (2 * 34 - 2, 100)
-    assert viewer.layers["theoretical (median)"].data.shape == (2 * 34 - 2, 32)
+    assert viewer.layers["representatives"].data.shape == (2 * 34 - 2, 100)
+    assert viewer.layers["theoretical images"].data.shape == (2 * 34 - 2, 32)
     assert "2 groups of image_id" in widget.status.value
 
     out = tmp_path / "export"
@@ -84,13 +85,15 @@ def test_explore_from_clicked_nuclei(
 
     widget.steps.value = 5
     _run(qtbot, widget, widget.interpolate_button)
-    strip = viewer.layers[f"interpolation {first} → {second}"]
-    assert strip.data.shape == (5, 32, 32)
+    strip = viewer.layers["interpolation"]
+    assert strip.data.shape == (32, 5 * 34 - 2)  # one 2-D row: no dims slider
+    assert strip.metadata["title"] == f"crop {first} → {second}"
 
     widget.k.value = 4
     _run(qtbot, widget, widget.search_button)
-    similar = viewer.layers[f"similar to crop {second}"]
-    assert similar.data.shape == (5, 32, 32) and similar.metadata["crop_index"][0] == second
+    similar = viewer.layers["similar nuclei"]
+    assert similar.data.shape == (32, 5 * 34 - 2) and similar.metadata["crop_index"][0] == second
+    assert similar.metadata["title"] == f"similar to crop {second}"
     shown = table.loc[similar.metadata["crop_index"]]
     for layer in layers:
         image_id = layer.metadata["nucleae"]["image_id"]
@@ -105,9 +108,9 @@ def test_explore_from_clicked_nuclei(
     widget.reset_choices()
     widget.query_image.value = viewer.layers["my crop"]
     _run(qtbot, widget, widget.search_button)
-    similar = viewer.layers["similar to my crop"]
+    similar = viewer.layers["similar nuclei"]
     assert similar.metadata["crop_index"][:2] == [-1, 7]
-    np.testing.assert_allclose(similar.data[0], similar.data[1])
+    np.testing.assert_allclose(similar.data[:, :32], similar.data[:, 34:66])
     assert widget.status.value.startswith("my crop (first) and its 4 nearest")
     viewer.add_image(np.zeros((10, 10)), name="wrong size")
     widget.reset_choices()

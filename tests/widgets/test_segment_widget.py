@@ -38,10 +38,11 @@ def test_segment_widget_adds_labels_with_features_and_saves_crops(
     project = Project.open(tmp_path / "project")
     assert len(project) == n and project.crop_size == 32
     assert widget.run_button.enabled and not widget.cancel_button.enabled
-    # a second run on the same image does not duplicate it in the project
+    # a second run on the same image replaces its layer and does not duplicate the project
     widget.run_button.clicked.emit()
-    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=TIMEOUT)
+    assert widget.jobs.busy
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    assert len(viewer.layers) == 2 and viewer.layers["nuclei nuclei"] is not labels
     assert len(Project.open(tmp_path / "project")) == n
 
 

@@ -1,5 +1,6 @@
 import json
 
+from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.widgets._settings import load_settings, settings_file
 from napari_nucleae.widgets.explore import ExploreWidget
 from napari_nucleae.widgets.outliers import OutliersWidget
@@ -22,7 +23,7 @@ def test_a_new_widget_starts_from_the_last_parameters(make_napari_viewer, isolat
     assert (second.variant.value, second.epochs.value, second.name.value) == ("vae", 7, "run b")
     assert abs(second.lr.value - 0.002) < 1e-12
     assert second.resume.value is False  # resuming is chosen afresh each time
-    assert second.latent_dim.value == 512  # never changed: the default
+    assert second.latent_dim.value == ModelConfig.latent_dim  # never changed: the default
 
 
 def test_each_widget_keeps_its_own_parameters_and_skips_picks(make_napari_viewer):

@@ -28,8 +28,9 @@ def test_train_then_embed_updates_plot_project_and_labels_features(
     widget.project.value = tmp_path / "project"
     widget.epochs.value = 2
     widget.latent_dim.value = 8
-    widget.blocks.value = 2
-    widget.filters.value = 4
+    widget.n_blocks.value = 2
+    widget.base_filters.value = 4
+    widget.min_steps.value = 0
     widget.batch_size.value = 8
     widget.start_button.clicked.emit()
     qtbot.waitUntil(lambda: "finished" in widget.status.value, timeout=TIMEOUT)
@@ -56,5 +57,5 @@ def test_bad_checkpoint_is_reported_not_raised(make_napari_viewer, qtbot, tmp_pa
     widget.project.value = tmp_path / "project"
     widget.checkpoint.value = bad
     widget.load_button.clicked.emit()
-    assert widget.loaded_model is None
+    assert widget.session.model is None
     assert "garbage.pt" in widget.status.value

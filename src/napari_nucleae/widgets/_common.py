@@ -1,4 +1,4 @@
-"""What the analysis dock widgets share: the project folder, jobs, clicks and galleries."""
+"""What the dock widgets share: the project field, status lines, jobs, clicks and results."""
 
 from __future__ import annotations
 
@@ -7,31 +7,71 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import Container, FileEdit
+from magicgui.widgets import Container, FileEdit, Label
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QProgressBar
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QProgressBar, QSizePolicy
 
 from ..core.errors import NucleaeError
 from ..core.store import Project
 from ._jobs import JobRunner
-from ._nuclei import KEY, Pick, Picker
+from ._nuclei import Pick, Picker
+from ._session import Session, follow
 
-GALLERY_KEY = "nucleae_gallery"
-GAP = 16  # world pixels between the data and the galleries
+RESULT_KEY = "nucleae_result"
+TITLES = "result titles"  # the Points layer whose text names each result layer
+GAP = 16  # world pixels between the data and the results, and between results
+# result kinds (one layer each, replaced when shown again), left to right beside the data
+RESULTS = (
+    "thumbnail map",
+    "theoretical images",
+    "representatives",
+    "MSE gallery: highest",
+    "MSE gallery: lowest",
+    "interpolation",
+    "similar nuclei",
+)
 
 
-def default_project(viewer: napari.viewer.Viewer) -> str:
-    """The project folder of the first nucleae layer in the viewer ('' when none)."""
-    for layer in viewer.layers:
-        info = layer.metadata.get(KEY)
-        if isinstance(info, dict) and info.get("project"):
-            return str(info["project"])
-    return ""
+class StatusLabel(Label):
+    """A status line that wraps and never widens its dock (the full text is its tooltip)."""
+
+    def __init__(self, value: str = ""):
+        super().__init__(value=value)
+        label = self.native
+        label.setWordWrap(True)
+        label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        label.setToolTip(value)
+        self.changed.connect(lambda text: label.setToolTip(str(text)))
 
 
-def project_field(viewer: napari.viewer.Viewer) -> FileEdit:
-    """A project-folder picker, prefilled from the layers already in the viewer."""
-    return FileEdit(mode="d", label="project folder", value=default_project(viewer))
+def bind_project(container: Container, session: Session, on_change: Callable[[], None]) -> FileEdit:
+    """A project-folder field that follows the session both ways.
+
+    The session's project fills it in; a folder chosen in it becomes the session's project.
+    ``on_change`` runs whenever the project or its table changed (in any widget).
+    """
+    field = FileEdit(mode="d", label="project folder", value=str(session.path or ""))
+
+    def chosen(value) -> None:
+        folder = folder_of(field)
+        if folder is not None and folder.resolve() == session.path:
+            return
+        try:
+            session.open(folder)
+        except NucleaeError as err:
+            show_error(str(err))
+
+    def opened(project) -> None:
+        with field.changed.blocked():
+            field.value = str(session.path or "")
+        on_change()
+
+    field.changed.connect(chosen)
+    follow(container, session.project_changed, opened)
+    follow(container, session.table_changed, lambda _: on_change())
+    return field
 
 
 def folder_of(field: FileEdit) -> Path | None:
@@ -40,19 +80,11 @@ def folder_of(field: FileEdit) -> Path | None:
     return Path(value) if value not in ("", ".") else None
 
 
-def open_project(field: FileEdit, *, quiet: bool = False) -> Project | None:
-    """Open the project chosen in ``field``; errors are shown unless ``quiet``."""
-    folder = folder_of(field)
-    if folder is None or (quiet and not (folder / "project.json").exists()):
-        if not quiet:
-            show_error("Choose the project folder (made by 'Segment & crop nuclei').")
-        return None
-    try:
-        return Project.open(folder)
-    except NucleaeError as err:
-        if not quiet:
-            show_error(str(err))
-        return None
+def require_project(session: Session) -> Project | None:
+    """The session's project, or None after telling the user to choose one."""
+    if session.project is None:
+        show_error("Choose the project folder (made by 'Segment & crop nuclei').")
+    return session.project
 
 
 def derived_columns(project: Project) -> list[str]:
@@ -92,44 +124,77 @@ def montage(images: np.ndarray, n_cols: int, pad: int = 2) -> np.ndarray:
     return out
 
 
-def gallery_origin(viewer: napari.viewer.Viewer) -> np.ndarray:
-    """World (y, x) just right of every layer that is not a gallery."""
-    extents = [
-        layer.extent.world
-        for layer in viewer.layers
-        if not layer.metadata.get(GALLERY_KEY) and layer.ndim >= 2
-    ]
-    if not extents:
-        return np.zeros(2)
-    return np.array([min(e[0][-2] for e in extents), max(e[1][-1] for e in extents) + GAP])
+def is_result(layer: napari.layers.Layer) -> bool:
+    return bool(layer.metadata.get(RESULT_KEY)) or layer.name == TITLES
 
 
-def show_gallery(
+def show_result(
     viewer: napari.viewer.Viewer,
-    name: str,
-    data: np.ndarray,
-    offset: tuple[float, float] = (0.0, 0.0),
+    kind: str,
+    image: np.ndarray,
+    title: str,
     crops: list[int] | None = None,
-    **kwargs,
 ) -> napari.layers.Image:
-    """Show crops (an image or a stack) right of the data, replacing the layer ``name``.
+    """Show a 2-D result image as the layer ``kind`` (one of :data:`RESULTS`), replacing the
+    previous one, then lay the results out side by side right of the data, each titled.
 
     Grey colormap, contrast 0–1; ``crops`` (the project rows shown, in order) goes to the
     layer metadata; the active layer stays active.
     """
-    translate = np.zeros(np.ndim(data))
-    translate[-2:] = gallery_origin(viewer) + offset
-    settings = {
-        "colormap": "gray",
-        "contrast_limits": (0.0, 1.0),
-        "translate": translate,
-        "metadata": {GALLERY_KEY: True, "crop_index": crops or []},
-        **kwargs,
-    }
-    if name in viewer.layers:
-        viewer.layers.remove(name)
+    if np.ndim(image) != 2 or kind not in RESULTS:
+        raise ValueError(f"a result is a 2-D image of a known kind: {kind!r} {np.shape(image)}")
     active = viewer.layers.selection.active
-    layer = viewer.add_image(data, name=name, **settings)
-    if active is not None:
+    if kind in viewer.layers:
+        viewer.layers.remove(kind)
+    layer = viewer.add_image(
+        image,
+        name=kind,
+        colormap="gray",
+        contrast_limits=(0.0, 1.0),
+        metadata={RESULT_KEY: kind, "title": title, "crop_index": crops or []},
+    )
+    arrange_results(viewer)
+    if active is not None and active in viewer.layers:
         viewer.layers.selection.active = active
     return layer
+
+
+def remove_result(viewer: napari.viewer.Viewer, kind: str) -> None:
+    if kind in viewer.layers:
+        viewer.layers.remove(kind)
+        arrange_results(viewer)
+
+
+def arrange_results(viewer: napari.viewer.Viewer) -> None:
+    """Place the result layers left to right, top-aligned, right of every other layer, and
+    write their titles above them."""
+    data = [layer.extent.world for layer in viewer.layers if not is_result(layer)]
+    top = min((e[0][-2] for e in data), default=0.0)
+    x = max((e[1][-1] for e in data), default=-GAP) + GAP
+    positions, titles = [], []
+    for kind in RESULTS:
+        if kind not in viewer.layers:
+            continue
+        layer = viewer.layers[kind]
+        layer.translate = (top, x)
+        positions.append((top, x))
+        titles.append(layer.metadata.get("title", kind))
+        x += layer.data.shape[-1] + GAP
+    _show_titles(viewer, np.array(positions).reshape(-1, 2), titles)
+
+
+def _show_titles(viewer: napari.viewer.Viewer, positions: np.ndarray, titles: list[str]) -> None:
+    if TITLES in viewer.layers:
+        viewer.layers.remove(TITLES)
+    if not titles:
+        return
+    viewer.add_points(
+        positions,
+        name=TITLES,
+        features={"title": titles},
+        text={"string": "{title}", "anchor": "lower_left", "size": 9, "color": "white"},
+        size=1,
+        face_color="transparent",
+        border_width=0,
+        metadata={RESULT_KEY: "titles"},
+    )

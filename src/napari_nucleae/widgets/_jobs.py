@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from magicgui.widgets import Widget
 from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
@@ -21,20 +22,27 @@ def user_message(err: BaseException) -> str:
 
 
 class JobRunner(QObject):
-    """Runs one ``func(..., progress=, should_stop=)`` at a time off the UI thread.
+    """Runs one ``func(..., progress=, should_stop=)`` at a time off the UI thread and owns
+    the busy state of its widget.
 
-    Progress reaches the UI thread through a Qt signal and drives both the widget's own
-    progress bar and a napari activity-dock progress bar. ``cancel()`` makes the core
-    function's ``should_stop()`` return True; it stops at its next check.
+    While a job runs, the ``controls`` are disabled and the ``cancel`` button is enabled only
+    for jobs started with ``cancellable=True`` (their core function polls ``should_stop``);
+    when the job ends, however it ends and however fast, both come back and ``busy_changed``
+    emits False. Every worker signal is connected before the worker starts. Progress
+    reaches the UI thread through a Qt signal and drives both the widget's own progress bar
+    and a napari activity-dock progress bar.
     """
 
     progressed = Signal(int, int, str)
     epoch_ended = Signal(int, float, float)  # for training jobs: epoch, train and val loss
+    busy_changed = Signal(bool)
 
     def __init__(self, bar: QProgressBar, parent: QObject | None = None):
         super().__init__(parent)
         self.bar = bar
         self.worker: FunctionWorker | None = None
+        self.controls: list[Widget] = []
+        self.cancel_button: Widget | None = None
         self._stop = False
         self._napari_bar: progress | None = None
         self.progressed.connect(self._on_progress)
@@ -43,6 +51,14 @@ class JobRunner(QObject):
     def busy(self) -> bool:
         return self.worker is not None
 
+    def bind(self, controls: Sequence[Widget], cancel: Widget | None = None) -> None:
+        """Disable ``controls`` while a job runs; ``cancel`` stops a cancellable job."""
+        self.controls = list(controls)
+        self.cancel_button = cancel
+        if cancel is not None:
+            cancel.enabled = False
+            cancel.changed.connect(self.cancel)
+
     def start(
         self,
         func: Callable,
@@ -50,16 +66,13 @@ class JobRunner(QObject):
         desc: str,
         on_returned: Callable,
         on_errored: Callable[[BaseException], None] | None = None,
+        cancellable: bool = False,
         **kwargs,
     ) -> FunctionWorker:
         """Start ``func`` in a worker thread; ``on_returned`` runs on the UI thread."""
         if self.busy:
             raise RuntimeError("a job is already running")
         self._stop = False
-        self._napari_bar = progress(total=0, desc=desc)
-        self.bar.setRange(0, 0)
-        self.bar.setFormat(desc)
-        self.bar.setVisible(True)
         worker = create_worker(
             func,
             *args,
@@ -74,6 +87,11 @@ class JobRunner(QObject):
             **kwargs,
         )
         self.worker = worker
+        self._napari_bar = progress(total=0, desc=desc)
+        self.bar.setRange(0, 0)
+        self.bar.setFormat(desc)
+        self.bar.setVisible(True)
+        self._enable(busy=True, cancellable=cancellable)
         worker.start()
         return worker
 
@@ -86,6 +104,13 @@ class JobRunner(QObject):
     @staticmethod
     def report_error(err: BaseException) -> None:
         show_error(user_message(err))
+
+    def _enable(self, *, busy: bool, cancellable: bool = False) -> None:
+        for control in self.controls:
+            control.enabled = not busy
+        if self.cancel_button is not None:
+            self.cancel_button.enabled = busy and cancellable
+        self.busy_changed.emit(busy)
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
         self.bar.setRange(0, max(total, 1))
@@ -102,3 +127,4 @@ class JobRunner(QObject):
         if self._napari_bar is not None:
             self._napari_bar.close()
             self._napari_bar = None
+        self._enable(busy=False)

@@ -27,11 +27,12 @@ import pandas as pd
 from napari.utils import DirectLabelColormap
 from psygnal import Signal
 
-KEY = "nucleae"
+from ..core.analysis import LAYER_KEY, code_names, layer_column
+
+KEY = LAYER_KEY
 HIGHLIGHT_KEY = "nucleae_highlight"
 TRANSPARENT = np.zeros(4)
 SourceLayer = napari.layers.Labels | napari.layers.Points
-FLAG_NAMES = ["no", "yes"]  # the names of the 0/1 codes of flag columns
 
 
 # ---------------------------------------------------------------------------- rows ↔ labels
@@ -134,60 +135,6 @@ def write_columns(viewer: napari.viewer.Viewer, table: pd.DataFrame, columns: li
             layer.features = features
             updated += 1
     return updated
-
-
-def layer_column(values: pd.Series, where: np.ndarray, n: int) -> pd.Categorical | np.ndarray:
-    """``values`` placed at rows ``where`` of an ``n``-row feature column; missing rows are
-    NaN. Text categories become integer codes (see :func:`write_columns`)."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        codes = np.full(n, -1, dtype=np.int64)
-        codes[where] = values.cat.codes.to_numpy()
-        if code_names(values) is not None:
-            return pd.Categorical.from_codes(codes, categories=range(len(values.cat.categories)))
-        return pd.Categorical.from_codes(codes, dtype=values.dtype)
-    out = np.full(n, np.nan)
-    out[where] = pd.to_numeric(values, errors="coerce").to_numpy(float)
-    return out
-
-
-def labels_features(rows: pd.DataFrame, n_labels: int) -> tuple[pd.DataFrame, dict]:
-    """Features of a Labels layer with labels 1..``n_labels`` from the project rows of its
-    nuclei: a ``label`` column, a ``cropped`` flag, and every numeric or categorical column
-    placed by label (see :func:`layer_column`; flags such as ``touches_border`` as 0/1
-    categories, as "Segment & crop nuclei" writes them); also the names of the codes."""
-    labels = rows["label"].to_numpy(np.int64)
-    inside = (labels >= 1) & (labels <= n_labels)
-    rows, where = rows[inside], labels[inside] - 1
-    cropped = np.zeros(n_labels, dtype=np.int64)
-    cropped[where] = 1
-    columns = {"label": np.arange(1, n_labels + 1)}
-    columns["cropped"] = pd.Categorical.from_codes(cropped, categories=range(2))
-    names = {"cropped": FLAG_NAMES}
-    for column in rows.columns:
-        values = rows[column]
-        if column in columns or not (
-            isinstance(values.dtype, pd.CategoricalDtype)
-            or pd.api.types.is_numeric_dtype(values.dtype)
-        ):
-            continue
-        if pd.api.types.is_bool_dtype(values.dtype):
-            values = pd.Series(pd.Categorical(values.astype(int), categories=[0, 1]))
-            names[column] = FLAG_NAMES
-        columns[column] = layer_column(values, where, n_labels)
-        if (named := code_names(values)) is not None:
-            names[column] = named
-    return pd.DataFrame(columns), names
-
-
-def code_names(values: pd.Series) -> list[str] | None:
-    """The names behind the integer codes a text categorical gets in layer features; None
-    for any other column."""
-    dtype = values.dtype
-    if isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_numeric_dtype(
-        dtype.categories
-    ):
-        return [str(c) for c in dtype.categories]
-    return None
 
 
 # ---------------------------------------------------------------------------- highlights

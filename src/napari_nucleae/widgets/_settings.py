@@ -65,8 +65,9 @@ def parameter_widgets(container: Container, skip: tuple[str, ...] = ()) -> dict[
 def _storable(widget: ValueWidget) -> bool:
     if isinstance(widget, FileEdit | PushButton | Label):
         return False
-    if isinstance(widget, ComboBox):
-        return all(isinstance(choice, str) for choice in widget.choices)
+    if isinstance(widget, ComboBox):  # a layer choice starts empty: not a list of strings
+        choices = widget.choices
+        return bool(choices) and all(isinstance(choice, str) for choice in choices)
     return isinstance(widget.value, Value)
 
 
@@ -83,7 +84,8 @@ def remember(container: Container, key: str, skip: tuple[str, ...] = ()) -> None
                 widget.value = value
 
     def store(*_) -> None:
-        save_settings(key, {name: widget.value for name, widget in widgets.items()})
+        values = {name: widget.value for name, widget in widgets.items()}
+        save_settings(key, {name: v for name, v in values.items() if isinstance(v, Value)})
 
     for widget in widgets.values():
         widget.changed.connect(store)

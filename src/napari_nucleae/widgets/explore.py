@@ -7,13 +7,21 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox, create_widget
+from magicgui.widgets import ComboBox, Container, PushButton, SpinBox, create_widget
 
 from ..core.analysis import interpolate_crops, query_crop, search_similar
 from ..core.explore import METRICS
-from ..core.store import Project
-from ._common import add_progress, follow_picks, open_project, project_field, show_gallery
-from ._nuclei import Highlighter, NucleusIndex, Pick
+from ._common import (
+    StatusLabel,
+    add_progress,
+    bind_project,
+    follow_picks,
+    montage,
+    require_project,
+    show_result,
+)
+from ._nuclei import Highlighter, Pick
+from ._session import Session
 from ._settings import remember
 
 QUERY_COLOR = (1.0, 0.15, 0.15, 1.0)
@@ -21,7 +29,7 @@ FOUND_COLOR = (0.0, 0.9, 1.0, 1.0)
 
 
 def similar_crops(
-    project: Project,
+    session: Session,
     query: int | np.ndarray,
     *,
     k: int,
@@ -31,7 +39,8 @@ def similar_crops(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Worker body: the ``k`` nearest crops to a crop of the project (by index) or to a new
     crop image, and a stack of the query followed by them."""
-    found = search_similar(project, query, k=k, metric=metric)
+    project = session.project
+    found = search_similar(project, query, k=k, metric=metric, model=session.loaded_model())
     crops = project.read_crops(found["crop_index"].to_numpy(np.int64))
     if isinstance(query, np.ndarray):
         first = query_crop(project, query)
@@ -41,19 +50,21 @@ def similar_crops(
 
 
 def interpolation(
-    project: Project, a: int, b: int, *, steps: int, progress=None, should_stop=None
+    session: Session, a: int, b: int, *, steps: int, progress=None, should_stop=None
 ) -> np.ndarray:
     """Worker body: decoded images from crop ``a`` to crop ``b``."""
-    return interpolate_crops(project, a, b, steps)
+    return interpolate_crops(session.project, a, b, steps, session.loaded_model())
 
 
 class ExploreWidget(Container):
-    """Latent interpolation between two nuclei and reverse search from one."""
+    """Latent interpolation between two nuclei and reverse search from one (both quick, so
+    neither offers a Cancel)."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
-        self.project = project_field(viewer)
+        self.session = Session.of(viewer)
+        self.project = bind_project(self, self.session, lambda: None)
         self.crop_a = SpinBox(value=0, min=0, max=10**9, label="from crop")
         self.crop_b = SpinBox(value=1, min=0, max=10**9, label="to crop")
         self.steps = SpinBox(value=8, min=2, max=64, label="steps")
@@ -70,8 +81,7 @@ class ExploreWidget(Container):
         self.k = SpinBox(value=10, min=1, max=500, label="neighbours")
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
         self.search_button = PushButton(text="Find similar nuclei")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label(value="click nuclei in the viewer to fill in the crops")
+        self.status = StatusLabel("click nuclei in the viewer to fill in the crops")
         self.extend(
             [
                 self.project,
@@ -84,27 +94,20 @@ class ExploreWidget(Container):
                 self.k,
                 self.metric,
                 self.search_button,
-                self.cancel_button,
                 self.status,
             ]
         )
         self.jobs = add_progress(self)
-        self.index: NucleusIndex | None = None
+        self.jobs.bind([self.interpolate_button, self.search_button])
         self.highlight = Highlighter(viewer, "similar")
         self.picker = follow_picks(viewer, self, self.use_pick)
-        self.project.changed.connect(self.load)
         self.interpolate_button.changed.connect(self.interpolate)
         self.search_button.changed.connect(self.search)
-        self.cancel_button.changed.connect(self.jobs.cancel)
-        self.load()
         remember(self, "explore", skip=("crop_a", "crop_b"))
 
-    def load(self) -> None:
-        project = open_project(self.project, quiet=True)
-        self.index = None if project is None else NucleusIndex.from_table(project.table())
-
     def _row(self, pick: Pick) -> int | None:
-        return None if self.index is None else self.index.row_of(pick.image_id, pick.label)
+        index = self.session.index
+        return None if index is None else index.row_of(pick.image_id, pick.label)
 
     def use_pick(self, pick: Pick) -> None:
         """A clicked nucleus becomes the query and the interpolation's end."""
@@ -119,13 +122,12 @@ class ExploreWidget(Container):
         self.status.value = f"picked crop {row} ({pick.layer}, label {pick.label})"
 
     def interpolate(self) -> None:
-        project = open_project(self.project)
-        if project is None:
+        if require_project(self.session) is None:
             return
         a, b = self.crop_a.value, self.crop_b.value
         self._start(
             interpolation,
-            project,
+            self.session,
             a,
             b,
             steps=self.steps.value,
@@ -134,27 +136,26 @@ class ExploreWidget(Container):
         )
 
     def _show_strip(self, strip: np.ndarray, a: int, b: int) -> None:
-        show_gallery(self.viewer, f"interpolation {a} → {b}", strip)
+        show_result(self.viewer, "interpolation", montage(strip, len(strip)), f"crop {a} → {b}")
         self.status.value = f"{len(strip)} decoded steps from crop {a} to crop {b}"
 
     def search(self) -> None:
-        project = open_project(self.project)
-        if project is None:
+        if require_project(self.session) is None:
             return
         layer = self.query_image.value
         query = self.query.value if layer is None else np.asarray(layer.data)
         self._start(
             similar_crops,
-            project,
+            self.session,
             query,
             k=self.k.value,
             metric=self.metric.value,
             desc="Searching",
-            on_returned=lambda result: self._show_similar(*result, query, project),
+            on_returned=lambda result: self._show_similar(*result, query),
         )
 
     def _show_similar(
-        self, found: pd.DataFrame, stack: np.ndarray, query: int | np.ndarray, project: Project
+        self, found: pd.DataFrame, stack: np.ndarray, query: int | np.ndarray
     ) -> None:
         rows = found["crop_index"].to_numpy(np.int64)
         colors = np.array([FOUND_COLOR] * len(found)).reshape(-1, 4)
@@ -166,21 +167,13 @@ class ExploreWidget(Container):
             rows, colors = np.r_[query, rows], np.r_[[QUERY_COLOR], colors]
             name, described = f"similar to crop {query}", f"crop {query} (red)"
             crops = rows.tolist()
-        show_gallery(self.viewer, name, stack, crops=crops)
-        if self.index is None:
-            self.index = NucleusIndex.from_table(project.table())
-        self.highlight.show(self.index, rows, colors)
+        show_result(self.viewer, "similar nuclei", montage(stack, len(stack)), name, crops=crops)
+        self.highlight.show(self.session.index, rows, colors)
         self.status.value = f"{described} and its {len(found)} nearest crops (cyan)"
 
     def _start(self, func, *args, **kwargs) -> None:
-        self._busy(True)
         self.jobs.start(func, *args, on_errored=self._failed, **kwargs)
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
-
-    def _busy(self, busy: bool) -> None:
-        self.interpolate_button.enabled = self.search_button.enabled = not busy
-        self.cancel_button.enabled = busy
 
     def _failed(self, err: BaseException) -> None:
         self.jobs.report_error(err)
-        self.status.value = str(err)[:200]
+        self.status.value = str(err)

@@ -15,7 +15,7 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
@@ -31,15 +31,15 @@ from ..core.explore import METRICS, sample_rows
 from ..core.project import PREFIXES, projection_columns
 from ..core.store import Project
 from ._common import (
+    StatusLabel,
     add_progress,
-    derived_columns,
-    folder_of,
+    bind_project,
     follow_picks,
-    open_project,
-    project_field,
-    show_gallery,
+    require_project,
+    show_result,
 )
-from ._nuclei import Highlighter, NucleusIndex, Pick, write_columns
+from ._nuclei import Highlighter, NucleusIndex, Pick
+from ._session import Session
 from ._settings import remember
 
 PROJECTIONS = {"UMAP": "umap", "t-SNE": "tsne", "PCA": "pca"}
@@ -141,9 +141,9 @@ def compute_map(
     seed: int | None = 0,
     progress=None,
     should_stop=None,
-) -> tuple[pd.DataFrame, tuple[str, str], list[str]]:
-    """Project the latents and cluster them (``clustering``: kmeans, hdbscan or None);
-    returns the updated table, the x, y columns and the derived (feature) columns."""
+) -> tuple[str, str]:
+    """Project the latents and cluster them (``clustering``: kmeans, hdbscan or None), both
+    stored in the project; returns the x, y columns."""
     compute_projection(
         project, method, metric=metric, components=components, seed=seed, progress=progress
     )
@@ -159,7 +159,7 @@ def compute_map(
             min_cluster_size=min_cluster_size,
             metric=metric,
         )
-    return project.table(), projection_columns(method, components), derived_columns(project)
+    return projection_columns(method, components)
 
 
 def thumbnail_map(
@@ -329,9 +329,10 @@ class ExplorerWidget(Container):
     """Compute a 2-D map of the latents and explore it linked with the image layers."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
-        self.project = project_field(viewer)
+        self.session = Session.of(viewer)
+        self.project = bind_project(self, self.session, self.load)
         self.projection = ComboBox(choices=list(PROJECTIONS), value="UMAP", label="projection")
         self.pc_x = SpinBox(value=0, min=0, max=4095, label="PC on x", visible=False)
         self.pc_y = SpinBox(value=1, min=0, max=4095, label="PC on y", visible=False)
@@ -360,7 +361,7 @@ class ExplorerWidget(Container):
         self.tool = ComboBox(choices=("lasso", "box"), value="lasso", label="select with")
         self.clear_button = PushButton(text="Clear selection")
         self.thumbnails_button = PushButton(text="Thumbnail map")
-        self.status = Label(value="")
+        self.status = StatusLabel()
         self.extend(
             [
                 self.project,
@@ -384,6 +385,7 @@ class ExplorerWidget(Container):
         self.plot = LatentPlot()
         self.native.layout().addWidget(self.plot)
         self.jobs = add_progress(self)
+        self.jobs.bind([self.compute_button, self.thumbnails_button], self.cancel_button)
         self.table: pd.DataFrame | None = None
         self.index: NucleusIndex | None = None
         self.columns: tuple[str, str] | None = None
@@ -392,12 +394,9 @@ class ExplorerWidget(Container):
         follow_picks(viewer, self, self.show_pick)
         self.plot.selected.connect(self.select_rows)
         self.plot.hovered.connect(self.show_hovered)
-        self._crops: Project | None = None  # the project crops are read from on hover
         self.projection.changed.connect(self._projection_changed)
         self.cluster_method.changed.connect(self._clustering_changed)
-        self.project.changed.connect(self.load)
         self.compute_button.changed.connect(self.compute)
-        self.cancel_button.changed.connect(self.jobs.cancel)
         self.color_by.changed.connect(self.redraw)
         self.tool.changed.connect(self.plot.set_tool)
         self.clear_button.changed.connect(lambda: self.select_rows(np.empty(0, dtype=np.int64)))
@@ -407,17 +406,16 @@ class ExplorerWidget(Container):
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:
-        """Show a projection already stored in the project (the chosen one if present)."""
-        project = open_project(self.project, quiet=True)
-        if project is None:
+        """Show a projection stored in the session's table (the chosen one if present)."""
+        table = self.session.table
+        if table is None:
             return
-        table = project.table()
         pairs = projection_pairs(table.columns)
         if not pairs:
             self.status.value = f"{len(table)} crops; no projection yet: press Compute"
             return
         wanted = self._wanted_columns()
-        self.show_table(table, wanted if wanted in pairs else pairs[0], derived_columns(project))
+        self.show_table(table, wanted if wanted in pairs else pairs[0])
 
     def _wanted_columns(self) -> tuple[str, str]:
         method = PROJECTIONS[self.projection.value]
@@ -430,13 +428,11 @@ class ExplorerWidget(Container):
         self.clusters.visible = value == "k-means"
         self.min_cluster_size.visible = value == "HDBSCAN"
 
-    def show_table(self, table: pd.DataFrame, columns: tuple[str, str], derived: list[str]) -> None:
-        """Adopt a project table: plot ``columns``, link the layers and copy the ``derived``
-        columns (projections, clusters, outliers, ...) into their features."""
+    def show_table(self, table: pd.DataFrame, columns: tuple[str, str]) -> None:
+        """Adopt a project table: plot ``columns`` and keep the session's selection."""
         self.table, self.columns = table, columns
         self.index = NucleusIndex.from_table(table)
-        self.selection = np.empty(0, dtype=np.int64)
-        write_columns(self.viewer, table, derived)
+        self.selection = self.session.selection
         previous = self.color_by.value
         self.colourable = choices = colour_columns(table)
         with self.color_by.changed.blocked():
@@ -468,18 +464,14 @@ class ExplorerWidget(Container):
         self.selection = np.asarray(rows, dtype=np.int64)
         self.plot.show_selection(self.selection)
         self.highlight.show(self.index, self.selection, SELECTION_COLOR)
+        self.session.select(self.selection)
         self.status.value = f"{len(self.selection):,} of {len(self.index):,} nuclei selected"
 
     def show_hovered(self, row: int) -> None:
         """Show the crop of the point under the mouse."""
-        folder = folder_of(self.project)
-        if folder is None:
-            return
-        if self._crops is None or self._crops.path != folder:
-            self._crops = open_project(self.project, quiet=True)
-            if self._crops is None:
-                return
-        self.plot.show_crop(row, self._crops.read_crops([row])[0])
+        project = self.session.project
+        if project is not None and self.table is not None and row < len(project):
+            self.plot.show_crop(row, project.read_crops([row])[0])
 
     def show_pick(self, pick: Pick) -> None:
         """Image → plot: mark the point of a clicked nucleus."""
@@ -492,11 +484,10 @@ class ExplorerWidget(Container):
 
     # ------------------------------------------------------------------ actions
     def compute(self) -> None:
-        project = open_project(self.project)
+        project = require_project(self.session)
         if project is None:
             return
         method = PROJECTIONS[self.projection.value]
-        self._busy(True)
         self.jobs.start(
             compute_map,
             project,
@@ -508,20 +499,19 @@ class ExplorerWidget(Container):
             min_cluster_size=self.min_cluster_size.value,
             seed=None if self.parallel.value else 0,
             desc=f"{self.projection.value} projection",
-            on_returned=lambda result: self.show_table(*result),
+            on_returned=lambda _: self.session.refresh(),
             on_errored=self._failed,
+            cancellable=True,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
     def make_thumbnail_map(self) -> None:
-        project = open_project(self.project)
+        project = require_project(self.session)
         if project is None:
             return
         if self.table is None or self.columns is None:
             show_error("Compute a projection first.")
             return
         columns = self.columns
-        self._busy(True)
         self.jobs.start(
             thumbnail_map,
             project,
@@ -530,18 +520,12 @@ class ExplorerWidget(Container):
             on_returned=lambda canvas: self._show_thumbnails(canvas, columns),
             on_errored=self._failed,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
     def _show_thumbnails(self, canvas: np.ndarray, columns: tuple[str, str]) -> None:
-        name = f"thumbnail map ({columns[0]}, {columns[1]})"
-        show_gallery(self.viewer, name, canvas)
-        show_info(f"{name}: crops at their positions, up to {MAX_THUMBNAILS} drawn")
-
-    def _busy(self, busy: bool) -> None:
-        for button in (self.compute_button, self.thumbnails_button):
-            button.enabled = not busy
-        self.cancel_button.enabled = busy
+        title = f"thumbnail map ({columns[0]}, {columns[1]})"
+        show_result(self.viewer, "thumbnail map", canvas, title)
+        show_info(f"{title}: crops at their positions, up to {MAX_THUMBNAILS} drawn")
 
     def _failed(self, err: BaseException) -> None:
         self.jobs.report_error(err)
-        self.status.value = str(err)[:200]
+        self.status.value = str(err)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import Container, FloatSlider, Label, PushButton, SpinBox
+from magicgui.widgets import Container, FloatSlider, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
@@ -15,8 +15,9 @@ from ..core.analysis import flag_outliers
 from ..core.errors import NucleaeError
 from ..core.explore import outlier_flags, rank_outliers
 from ..core.store import Project
-from ._common import GAP, montage, open_project, project_field, show_gallery
-from ._nuclei import Highlighter, NucleusIndex, write_columns
+from ._common import StatusLabel, bind_project, montage, remove_result, require_project, show_result
+from ._nuclei import Highlighter
+from ._session import Session
 from ._settings import remember
 
 COLORS = {"high": (1.0, 0.15, 0.15, 1.0), "low": (0.2, 0.55, 1.0, 1.0)}
@@ -65,14 +66,15 @@ class OutliersWidget(Container):
     """Flag the crops a model reconstructs worst (and best), and show where they are."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
-        self.project = project_field(viewer)
+        self.session = Session.of(viewer)
+        self.project = bind_project(self, self.session, self.load)
         self.low = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="low tail (%)")
         self.high = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="high tail (%)")
         self.gallery_size = SpinBox(value=16, min=1, max=200, label="gallery crops per tail")
         self.flag_button = PushButton(text="Flag outliers")
-        self.status = Label(value="")
+        self.status = StatusLabel()
         self.extend(
             [self.project, self.low, self.high, self.gallery_size, self.flag_button, self.status]
         )
@@ -81,7 +83,6 @@ class OutliersWidget(Container):
         self.table: pd.DataFrame | None = None
         self.flags: pd.Categorical | None = None
         self.highlight = Highlighter(viewer, "outliers")
-        self.project.changed.connect(self.load)
         self.low.changed.connect(self.preview)
         self.high.changed.connect(self.preview)
         self.flag_button.changed.connect(self.flag)
@@ -93,12 +94,11 @@ class OutliersWidget(Container):
         return self.table["mse"].to_numpy(float)
 
     def load(self) -> None:
-        """Read the project's errors and preview the cut-offs."""
-        project = open_project(self.project, quiet=True)
+        """Take the session's errors and preview the cut-offs."""
+        table = self.session.table
         self.table = None
-        if project is None:
+        if table is None:
             return
-        table = project.table()
         if "mse" not in table:
             self.status.value = "no reconstruction errors yet: embed the crops first"
             return
@@ -117,21 +117,21 @@ class OutliersWidget(Container):
         self.histogram.show(self.mse, flags)
 
     def flag(self) -> None:
-        """Store the flags, copy them to the layers, highlight them and show the galleries."""
-        project = open_project(self.project)
+        """Store the flags (every widget and layer follows), highlight them and show the
+        galleries."""
+        project = require_project(self.session)
         if project is None:
             return
         try:
             self.flags = flag_outliers(project, self.low.value, self.high.value)
         except NucleaeError as err:
             show_error(str(err))
-            self.status.value = str(err)[:200]
+            self.status.value = str(err)
             return
-        self.table = project.table()
-        write_columns(self.viewer, self.table, ["outlier"])
+        self.session.refresh()
         flagged = np.flatnonzero(np.asarray(self.flags) != "normal")
         colors = np.array([COLORS[f] for f in np.asarray(self.flags)[flagged]]).reshape(-1, 4)
-        self.highlight.show(NucleusIndex.from_table(self.table), flagged, colors)
+        self.highlight.show(self.session.index, flagged, colors)
         self.histogram.show(self.mse, self.flags)
         self._galleries(project)
         counts = pd.Series(np.asarray(self.flags)).value_counts()
@@ -142,15 +142,13 @@ class OutliersWidget(Container):
         show_info(self.status.value)
 
     def _galleries(self, project: Project) -> None:
-        """Montages of the most extreme flagged crops: highest above, lowest below."""
-        top = 0.0
+        """Montages of the most extreme flagged crops of each tail, most extreme first."""
         for tail, title in (("high", "highest"), ("low", "lowest")):
-            name = f"MSE gallery: {title}"
+            kind = f"MSE gallery: {title}"
             rows = extremes(self.mse, self.flags, tail, self.gallery_size.value)
             if not len(rows):
-                if name in self.viewer.layers:
-                    self.viewer.layers.remove(name)
+                remove_result(self.viewer, kind)
                 continue
             image = montage(project.read_crops(rows), GALLERY_COLUMNS)
-            show_gallery(self.viewer, name, image, offset=(top, 0.0), crops=rows.tolist())
-            top += image.shape[0] + GAP
+            name = f"{len(rows)} {title}-error crops"
+            show_result(self.viewer, kind, image, name, crops=rows.tolist())

@@ -10,7 +10,7 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info
 
 from ..core.analysis import Representatives, export, find_representatives
@@ -19,15 +19,16 @@ from ..core.explore import METRICS
 from ..core.represent import CENTERS
 from ..core.store import Project
 from ._common import (
-    GAP,
+    StatusLabel,
     add_progress,
+    bind_project,
     folder_of,
     montage,
-    open_project,
-    project_field,
-    show_gallery,
+    require_project,
+    show_result,
 )
-from ._nuclei import Highlighter, NucleusIndex
+from ._nuclei import Highlighter
+from ._session import Session
 from ._settings import remember
 
 ALL = "all"
@@ -57,7 +58,7 @@ class Found:
 
 
 def find(
-    project: Project,
+    session: Session,
     *,
     center: str,
     metric: str,
@@ -67,17 +68,21 @@ def find(
     progress=None,
     should_stop=None,
 ) -> Found:
-    """Worker body: one centre and metric, practical crops read for display."""
+    """Worker body: one centre and metric with the session's model, practical crops read for
+    display; ``should_stop`` is polled between groups."""
     if progress is not None:
         progress(0, 0, f"{center} centre, {metric} ranking")
+    project = session.project
     result = find_representatives(
         project,
         centers=[center],
         metrics=[metric],
         k=k,
         by=by,
+        model=session.loaded_model(),
         stability=stability,
         pixel_baseline=False,
+        should_stop=should_stop,
     )
     return Found(result, project.read_crops(result.latent.table["crop_index"].to_numpy()))
 
@@ -96,9 +101,10 @@ class RepresentWidget(Container):
     """Find objective representative nuclei and export them."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
-        self.project = project_field(viewer)
+        self.session = Session.of(viewer)
+        self.project = bind_project(self, self.session, self.load)
         self.center = ComboBox(choices=CENTERS, value="mean", label="centre")
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
         self.scopes = [ALL]  # callable choices survive napari's reset_choices()
@@ -112,10 +118,10 @@ class RepresentWidget(Container):
         self.stability = CheckBox(value=False, text="stability (bootstrap, slower)")
         self.find_button = PushButton(text="Find representatives")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.export_folder = FileEdit(mode="d", label="export folder")
+        self.export_folder = FileEdit(mode="d", label="export to")
+        self.export_button = PushButton(text="Export", enabled=False)
         self.overwrite = CheckBox(value=False, text="overwrite files in that folder")
-        self.export_button = PushButton(text="Export…", enabled=False)
-        self.status = Label(value="")
+        self.status = StatusLabel()
         self.extend(
             [
                 self.project,
@@ -126,40 +132,42 @@ class RepresentWidget(Container):
                 self.stability,
                 self.find_button,
                 self.cancel_button,
-                self.export_folder,
+                Container(
+                    layout="horizontal",
+                    widgets=[self.export_folder, self.export_button],
+                    labels=False,
+                ),
                 self.overwrite,
-                self.export_button,
                 self.status,
             ]
         )
         self.jobs = add_progress(self)
+        self.jobs.bind([self.find_button], self.cancel_button)
         self.found: Found | None = None
         self.highlight = Highlighter(viewer, "representatives")
-        self.project.changed.connect(self.load)
+        self.jobs.busy_changed.connect(self._busy)
         self.find_button.changed.connect(self.start)
-        self.cancel_button.changed.connect(self.jobs.cancel)
         self.export_button.changed.connect(self.export)
         self.load()
         remember(self, "represent")
 
     def load(self) -> None:
-        """Offer the project's groupable columns as scopes."""
-        project = open_project(self.project, quiet=True)
-        if project is None:
+        """Offer the groupable columns of the session's table as scopes."""
+        table = self.session.table
+        if table is None:
             return
         previous = self.scope.value
-        self.scopes = scope_choices(project.table())
+        self.scopes = scope_choices(table)
         self.scope.reset_choices()
         self.scope.value = previous if previous in self.scopes else ALL
 
     def start(self) -> None:
-        project = open_project(self.project)
+        project = require_project(self.session)
         if project is None:
             return
-        self._busy(True)
         self.jobs.start(
             find,
-            project,
+            self.session,
             center=self.center.value,
             metric=self.metric.value,
             k=self.k.value,
@@ -168,8 +176,8 @@ class RepresentWidget(Container):
             desc="Representatives",
             on_returned=lambda found: self.show(found, project),
             on_errored=self._failed,
+            cancellable=True,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
     def show(self, found: Found, project: Project) -> None:
         """Galleries of the theoretical and practical images; chosen nuclei highlighted."""
@@ -180,19 +188,19 @@ class RepresentWidget(Container):
         center, metric = self.center.value, self.metric.value
         theoretical = found.result.latent.theoretical
         column = np.stack([theoretical[(group, center)] for group in groups])
-        size = project.crop_size
-        show_gallery(self.viewer, f"theoretical ({center})", montage(column, 1))
-        show_gallery(
+        show_result(
+            self.viewer, "theoretical images", montage(column, 1), f"theoretical ({center})"
+        )
+        show_result(
             self.viewer,
-            f"representatives ({center}, {metric})",
+            "representatives",
             montage(grid, k),
-            offset=(0.0, size + GAP),
+            f"representatives ({center}, {metric})",
             crops=table["crop_index"].tolist(),
         )
         palette = matplotlib.colormaps["tab10"]
         colors = palette(np.array([groups.index(g) for g in table["group"]]) % 10)
-        index = NucleusIndex.from_table(project.table())
-        self.highlight.show(index, table["crop_index"].to_numpy(np.int64), colors)
+        self.highlight.show(self.session.index, table["crop_index"].to_numpy(np.int64), colors)
         self.export_button.enabled = True
         scope = "all crops" if len(groups) == 1 else f"{len(groups)} groups of {self.scope.value}"
         self.status.value = f"top {k} of {scope}" + (
@@ -201,14 +209,13 @@ class RepresentWidget(Container):
         show_info(f"Representatives: {self.status.value}")
 
     def export(self) -> None:
-        project = open_project(self.project)
+        project = require_project(self.session)
         folder = folder_of(self.export_folder)
         if project is None or self.found is None:
             return
         if folder is None:
-            show_error("Choose an export folder first.")
+            show_error("Choose the folder to export to (the field left of Export).")
             return
-        self._busy(True)
         self.jobs.start(
             _export,
             project,
@@ -219,20 +226,17 @@ class RepresentWidget(Container):
             on_returned=lambda paths: self._exported(paths, folder),
             on_errored=self._failed,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
     def _exported(self, paths: list[Path], folder: Path) -> None:
         self.status.value = f"exported {len(paths)} files to {folder}"
         show_info(self.status.value)
 
     def _busy(self, busy: bool) -> None:
-        self.find_button.enabled = not busy
         self.export_button.enabled = not busy and self.found is not None
-        self.cancel_button.enabled = busy
 
     def _failed(self, err: BaseException) -> None:
         self.jobs.report_error(err)
-        self.status.value = str(err)[:200]
+        self.status.value = str(err)
 
 
 def _export(

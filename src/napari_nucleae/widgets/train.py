@@ -3,34 +3,89 @@ then embed every crop of the project."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import napari
 import numpy as np
+import pandas as pd
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
     PushButton,
     SpinBox,
 )
+from magicgui.widgets.bases import ValueWidget
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.embed import EmbedResult, embed
 from ..core.errors import NucleaeError
-from ..core.model import VARIANTS, ModelConfig, load_model, select_device
-from ..core.store import Project
+from ..core.model import (
+    ARCHS,
+    INITS,
+    SCHEDULES,
+    VARIANTS,
+    LoadedModel,
+    ModelConfig,
+    load_model,
+    select_device,
+)
 from ..core.train import TrainResult, train
-from ._common import add_progress, open_project
+from ._common import StatusLabel, add_progress, bind_project, require_project
+from ._session import Session
 from ._settings import remember
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NOT_SETTINGS = ("variant", "crop_size")  # ModelConfig fields the widget does not offer
+BASIC = ("latent_dim", "n_blocks", "base_filters", "lr", "batch_size")  # always shown
+CHOICES = {"arch": ARCHS, "init": INITS, "schedule": SCHEDULES}
+LABELS = {
+    "latent_dim": "latent size (0: auto)",
+    "n_blocks": "blocks (0: auto)",
+    "base_filters": "base filters",
+    "lr": "learning rate",
+    "batch_size": "batch size",
+    "kl_weight": "KL weight (vae)",
+    "noise_std": "input noise (denoising)",
+    "warmup": "warm-up (fraction of steps)",
+    "min_steps": "at least this many steps",
+    "patience": "patience (epochs, 0: none)",
+    "augment": "augment (flips, rotations, intensity)",
+    "jitter": "intensity jitter (fraction)",
+}
+
+
+def setting_widget(field: dataclasses.Field) -> ValueWidget | None:
+    """An input for one ``ModelConfig`` field, starting at its default (None when the field
+    has no plain default the widget can edit)."""
+    default, name = field.default, field.name
+    label = LABELS.get(name, name.replace("_", " "))
+    if name in CHOICES:
+        return ComboBox(choices=CHOICES[name], value=default, label=label)
+    if isinstance(default, bool):
+        return CheckBox(value=default, text=label)
+    if isinstance(default, int):
+        return SpinBox(value=default, min=0, max=10**7, label=label)
+    if isinstance(default, float):
+        step = default / 10 if default > 0 else 0.01
+        return FloatSpinBox(value=default, min=0.0, max=10.0**6, step=step, label=label)
+    return None
+
+
+def model_settings() -> dict[str, ValueWidget]:
+    """Inputs for every editable ``ModelConfig`` field, by field name."""
+    found = {}
+    for field in dataclasses.fields(ModelConfig):
+        widget = None if field.name in NOT_SETTINGS else setting_widget(field)
+        if widget is not None:
+            found[field.name] = widget
+    return found
 
 
 class LossPlot(FigureCanvasQTAgg):
@@ -72,12 +127,17 @@ class LossPlot(FigureCanvasQTAgg):
 
 
 class TrainWidget(Container):
-    """Train or load an autoencoder for a project and embed its crops."""
+    """Train or load an autoencoder for a project and embed its crops.
+
+    The model settings are the fields of ``ModelConfig`` (defaults included): the ones in
+    :data:`BASIC` are always shown, the others with "all settings".
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=True)
         self.viewer = viewer
-        self.project = FileEdit(mode="d", label="project folder")
+        self.session = Session.of(viewer)
+        self.project = bind_project(self, self.session, self._project_changed)
         self.variant = ComboBox(
             choices=VARIANTS,
             value="ae",
@@ -86,31 +146,27 @@ class TrainWidget(Container):
         )
         self.name = LineEdit(value="default", label="model name")
         self.epochs = SpinBox(value=30, min=1, max=10_000, label="epochs")
-        self.latent_dim = SpinBox(value=512, min=2, max=4096, label="latent size")
-        self.blocks = SpinBox(value=0, min=0, max=6, label="blocks (0: auto)")
-        self.filters = SpinBox(value=16, min=4, max=256, label="base filters")
-        self.lr = FloatSpinBox(value=1e-3, min=1e-6, max=1.0, step=1e-4, label="learning rate")
-        self.batch_size = SpinBox(value=64, min=1, max=4096, label="batch size")
+        self.settings = model_settings()
+        for name, widget in self.settings.items():
+            setattr(self, name, widget)
+        self.all_settings = CheckBox(value=False, text="all settings")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.resume = CheckBox(value=False, text="resume this model's training")
         self.start_button = PushButton(text="Start training")
-        self.stop_button = PushButton(text="Stop", enabled=False)
+        self.stop_button = PushButton(text="Stop")
         self.checkpoint = FileEdit(mode="r", label="checkpoint", filter="*.pt")
         self.load_button = PushButton(text="Load checkpoint")
         self.embed_button = PushButton(text="Embed all crops")
-        self.device_label = Label(value=f"device: {select_device(None)}")
-        self.status = Label(value="")
+        self.device_label = StatusLabel(f"device: {select_device(None)}")
+        self.status = StatusLabel()
         self.extend(
             [
                 self.project,
                 self.variant,
                 self.name,
                 self.epochs,
-                self.latent_dim,
-                self.blocks,
-                self.filters,
-                self.lr,
-                self.batch_size,
+                *self.settings.values(),
+                self.all_settings,
                 self.device,
                 self.resume,
                 self.start_button,
@@ -125,58 +181,51 @@ class TrainWidget(Container):
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot)
         self.jobs = add_progress(self)
+        self.jobs.bind([self.start_button, self.load_button, self.embed_button], self.stop_button)
         self.jobs.epoch_ended.connect(self.plot.add)
-        self.loaded_model: str | None = None  # a checkpoint path chosen with "Load"
+        self.all_settings.changed.connect(self._show_settings)
         self.start_button.changed.connect(self.start_training)
-        self.stop_button.changed.connect(self.jobs.cancel)
         self.load_button.changed.connect(self.load_checkpoint)
         self.embed_button.changed.connect(self.start_embedding)
         remember(self, "train", skip=("resume",))
+        self._show_settings(self.all_settings.value)
 
     # ------------------------------------------------------------------ helpers
-    def open_project(self) -> Project | None:
-        return open_project(self.project)
-
-    def config(self, project: Project) -> ModelConfig:
-        blocks = self.blocks.value or max(1, min(4, int(np.log2(project.crop_size)) - 2))
-        return ModelConfig(
-            variant=self.variant.value,
-            crop_size=project.crop_size,
-            n_blocks=blocks,
-            base_filters=self.filters.value,
-            latent_dim=self.latent_dim.value,
-            lr=self.lr.value,
-            batch_size=self.batch_size.value,
-        )
+    def config(self, crop_size: int) -> ModelConfig:
+        """The model settings for crops of ``crop_size`` (``ModelConfig`` checks them)."""
+        values = {name: widget.value for name, widget in self.settings.items()}
+        return ModelConfig(variant=self.variant.value, crop_size=crop_size, **values)
 
     def _device(self) -> str | None:
         return None if self.device.value == "auto" else self.device.value
 
-    def _busy(self, busy: bool) -> None:
-        for button in (self.start_button, self.load_button, self.embed_button):
-            button.enabled = not busy
-        self.stop_button.enabled = busy
+    def _show_settings(self, everything: bool) -> None:
+        for name, widget in self.settings.items():
+            widget.visible = everything or name in BASIC
+
+    def _project_changed(self) -> None:
+        project = self.session.project
+        if project is not None:
+            model = project.meta.active_model
+            self.status.value = f"{len(project)} crops; model: {model or 'none yet'}"
 
     # ------------------------------------------------------------------ actions
     def start_training(self) -> None:
-        project = self.open_project()
+        project = require_project(self.session)
         if project is None:
             return
         try:
-            config = None if self.resume.value else self.config(project)
+            config = None if self.resume.value else self.config(project.crop_size)
         except NucleaeError as err:
             show_error(str(err))
+            self.status.value = str(err)
             return
-        if self.resume.value:
-            history = project.model_dir(self.name.value) / "history.csv"
-            if history.exists():
-                import pandas as pd
-
-                h = pd.read_csv(history)
-                self.plot.set_history(h["epoch"], h["train_loss"], h["val_loss"])
+        history = project.model_dir(self.name.value) / "history.csv"
+        if self.resume.value and history.exists():
+            h = pd.read_csv(history)
+            self.plot.set_history(h["epoch"], h["train_loss"], h["val_loss"])
         else:
             self.plot.set_history([], [], [])
-        self._busy(True)
         self.jobs.start(
             train,
             project,
@@ -188,11 +237,11 @@ class TrainWidget(Container):
             on_epoch=self.jobs.epoch_ended.emit,
             desc="Training",
             on_returned=self._trained,
+            on_errored=self._failed,
+            cancellable=True,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
     def _trained(self, result: TrainResult) -> None:
-        self.loaded_model = None
         state = "stopped" if result.stopped else "finished"
         self.status.value = (
             f"'{result.name}' {state} after {len(result.history)} epochs on {result.device}"
@@ -200,19 +249,19 @@ class TrainWidget(Container):
         for note in result.notes:
             show_warning(note)
         show_info(self.status.value)
+        self.session.use_model(None)  # the trained model is now the project's active model
 
     def load_checkpoint(self) -> None:
-        project = self.open_project()
+        project = require_project(self.session)
         if project is None:
             return
         path = Path(str(self.checkpoint.value))
         try:
             model = load_model(path, "cpu", crop_size=project.crop_size)
         except NucleaeError as err:
-            self.status.value = str(err)[:200]
-            show_error(str(err))
+            self._failed(err)
             return
-        self.loaded_model = str(path)
+        self.session.use_model(str(path), model)
         self.status.value = (
             f"loaded '{model.name}' ({model.config.variant}, latent "
             f"{model.config.latent_dim}, epoch {model.epoch})"
@@ -220,46 +269,41 @@ class TrainWidget(Container):
         show_info(self.status.value)
 
     def start_embedding(self) -> None:
-        project = self.open_project()
+        project = require_project(self.session)
         if project is None:
             return
-        model = self.loaded_model or project.meta.active_model
-        if model is None:
+        if self.session.model is None and project.meta.active_model is None:
             show_error("Train a model or load a checkpoint first.")
             return
-        self._busy(True)
         self.jobs.start(
-            embed,
-            project,
-            model,
+            embed_with,
+            self.session,
             device=self._device(),
             desc="Embedding",
-            on_returned=lambda result: self._embedded(result, project),
+            on_returned=self._embedded,
+            on_errored=self._failed,
+            cancellable=True,
         )
-        self.jobs.worker.finished.connect(lambda: self._busy(False))
 
-    def _embedded(self, result: EmbedResult, project: Project) -> None:
+    def _embedded(self, result: EmbedResult) -> None:
         if result.stopped:
             self.status.value = "embedding cancelled; previous latents kept"
             return
-        write_mse_to_layers(self.viewer, project, result.mse)
         self.status.value = (
             f"embedded {result.n_crops} crops ({result.latent_dim}-D); "
             f"median MSE {np.median(result.mse):.5f}"
         )
         show_info(self.status.value)
+        self.session.refresh()  # mse and latents: every widget and layer follows
+
+    def _failed(self, err: BaseException) -> None:
+        self.jobs.report_error(err)
+        self.status.value = str(err)
 
 
-def write_mse_to_layers(viewer: napari.viewer.Viewer, project: Project, mse: np.ndarray) -> None:
-    """Add an ``mse`` column to the features of this project's Labels layers."""
-    for layer in viewer.layers:
-        info = layer.metadata.get("nucleae", {}) if isinstance(layer, napari.layers.Labels) else {}
-        if Path(info.get("project") or "/nonexistent") != project.path:
-            continue
-        features = layer.features.copy()
-        index = features["crop_index"].to_numpy()
-        values = np.full(len(features), np.nan)
-        kept = ~np.isnan(index)
-        values[kept] = mse[index[kept].astype(int)]
-        features["mse"] = values
-        layer.features = features
+def embed_with(
+    session: Session, *, device: str | None, progress=None, should_stop=None
+) -> EmbedResult:
+    """Worker body: embed every crop with the session's model (its checkpoint read once)."""
+    model: LoadedModel = session.loaded_model(device)
+    return embed(session.project, model, device=device, progress=progress, should_stop=should_stop)
