@@ -247,3 +247,26 @@ def test_no_escaped_cell_starts_a_formula_and_none_loses_text(cells):
     for original, cell in zip(cells, safe["image_path"], strict=True):
         assert not cell.startswith(FORMULA_STARTS)
         assert cell in (original, f"'{original}")
+
+
+def test_a_channel_first_file_asks_for_its_channel_and_a_label_image_gets_a_note(tmp_path, capsys):
+    nuclei = tifffile.imread(bbbc007_paths()[0])
+    other = np.full_like(nuclei, 40)
+    other[::16] = 250  # a second stain: bright stripes
+    tifffile.imwrite(tmp_path / "two.tif", np.stack([nuclei, other]))
+    command = ["ingest", str(tmp_path / "two.tif"), "--project", str(tmp_path / "p"), *INGEST]
+    assert main(command) == 1
+    out = capsys.readouterr().out
+    shape = (2, *nuclei.shape)
+    assert f"failed: {tmp_path / 'two.tif'}: the image of shape {shape} looks like 2" in out
+    assert "Choose the nuclear channel (0–1; --channel in the command line)" in out
+    assert main([*command, "--channel", "0"]) == 0
+    assert "1 images added" in capsys.readouterr().out
+    labels = str(bbbc007_paths()[1]).replace(".tif", "_labels.tif")
+    shutil.copy(labels, tmp_path / "labels_as_image.tif")
+    command[1] = str(tmp_path / "labels_as_image.tif")
+    main(command)
+    assert (
+        f"note: {tmp_path / 'labels_as_image.tif'}: the image looks like a label image"
+        in capsys.readouterr().out
+    )

@@ -121,7 +121,13 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         "--channel-axis",
         type=int,
         default=None,
-        help="axis holding the channels (default: last axis of RGB-like images)",
+        help="axis holding the channels (default: last axis of RGB-like images, else the "
+        "first when --channel is given)",
+    )
+    seg.add_argument(
+        "--stack",
+        action="store_true",
+        help="segment every plane of a 3-D image, even when its few planes differ like channels do",
     )
     crop = parser.add_argument_group("crops")
     crop.add_argument("--crop-size", type=int, default=64, help="crop side in pixels")
@@ -172,6 +178,7 @@ def ingest_params(args: argparse.Namespace) -> IngestParams:
         ),
         channel=args.channel,
         channel_axis=args.channel_axis,
+        stack=args.stack,
     )
 
 

@@ -1,9 +1,12 @@
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.ingest import (
@@ -18,7 +21,7 @@ from napari_nucleae.core.ingest import (
     process_layer,
     read_image,
 )
-from napari_nucleae.core.segment import SegmentParams
+from napari_nucleae.core.segment import SegmentParams, looks_like_channels
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.sample import bbbc007_paths
 
@@ -163,3 +166,64 @@ def test_non_regular_files_are_refused_before_reading(tmp_path):
     for name, message in expected.items():
         assert message in failed[str(tmp_path / name)]
     assert len(project) == 0 and not summary.added
+
+
+def membrane_channel(truth: np.ndarray) -> np.ndarray:
+    """A second stain of the synthetic nuclei: bright rings around them on a dim background."""
+    from scipy import ndimage as ndi
+
+    grown = ndi.grey_dilation(truth, size=9)
+    ring = (grown > 0) & (truth == 0)
+    return ndi.gaussian_filter(0.1 + 0.8 * ring.astype(np.float32), 1.5).astype(np.float32)
+
+
+def test_channel_first_images_ask_for_a_channel(synthetic):
+    image, truth = synthetic
+    two_stains = np.stack([image, membrane_channel(truth)])
+    params = IngestParams(
+        segment=SegmentParams(method="classical", diameter=16), crop=CropParams(size=32)
+    )
+    with pytest.raises(InputError, match=r"looks like 2 channels on axis 0.*--channel"):
+        process_layer(two_stains, params, name="c-first")
+    nuclear = process_layer(two_stains, replace(params, channel=0), name="c-first")
+    assert nuclear.segmentation.labels.shape == image.shape
+    assert nuclear.n_crops == truth.max()
+    as_stack = process_layer(two_stains, replace(params, stack=True), name="c-first")
+    assert as_stack.segmentation.labels.shape == two_stains.shape
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    sigmas=st.lists(st.floats(0, 2.5), min_size=2, max_size=4),
+    gains=st.lists(st.floats(0.5, 2), min_size=4, max_size=4),
+    seed=st.integers(0, 100),
+)
+def test_one_stain_in_focus_and_out_is_a_stack_and_two_stains_are_channels(
+    synthetic, sigmas, gains, seed
+):
+    from scipy import ndimage as ndi
+
+    image, truth = synthetic
+    rng = np.random.default_rng(seed)
+    planes = [
+        gain * ndi.gaussian_filter(image, sigma) + rng.normal(0, 0.02, image.shape)
+        for sigma, gain in zip(sigmas, gains, strict=False)
+    ]
+    assert looks_like_channels(planes) is None
+    stains = [planes[0], gains[1] * membrane_channel(truth) + rng.normal(0, 0.02, image.shape)]
+    assert looks_like_channels(stains[:: 1 if seed % 2 else -1]) is not None
+
+
+def test_noise_and_label_images_get_a_warning(synthetic):
+    image, truth = synthetic
+    noise = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    noisy = process_layer(noise, CLASSICAL, name="noise").segmentation
+    assert noisy.n_nuclei > 0 and "like pure noise" in noisy.note
+    labels = tifffile.imread(str(bbbc007_paths()[0]).replace(".tif", "_labels.tif"))
+    as_image = process_layer(labels, CLASSICAL, name="labels").segmentation
+    assert as_image.warnings == [
+        "the image looks like a label image (regions of one whole number each), not a nuclear "
+        "stain: segment the image itself, or crop with these labels directly"
+    ]
+    for real in (image, tifffile.imread(bbbc007_paths()[0])):
+        assert process_layer(real, CLASSICAL, name="real").segmentation.warnings == []

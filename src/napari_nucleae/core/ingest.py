@@ -39,6 +39,7 @@ class IngestParams:
     crop: CropParams = field(default_factory=CropParams)
     channel: int | None = None
     channel_axis: int | None = None
+    stack: bool = False  # a 3-D image is a stack even if its planes differ like channels
 
 
 @dataclass
@@ -213,7 +214,11 @@ def process_image(
     """
     image = as_array(image)
     planes, is_stack = prepare_planes(
-        image, params.channel, params.channel_axis, params.segment.max_plane_pixels
+        image,
+        params.channel,
+        params.channel_axis,
+        params.segment.max_plane_pixels,
+        params.stack,
     )
     image_id = image_id or image_identity(image, file)
     seg = segment_planes(planes, params.segment, progress=progress, should_stop=should_stop)
@@ -366,8 +371,10 @@ def _collect(project: Project, path: str, future, summary: IngestSummary) -> Non
     if isinstance(result, Failure):
         summary.failed.append((path, result.message))
         return
-    if result.segmentation.note and result.segmentation.note not in summary.notes:
-        summary.notes.append(result.segmentation.note)
+    method_note = result.segmentation.method_note
+    if method_note and method_note not in summary.notes:
+        summary.notes.append(method_note)
+    summary.notes.extend(f"{path}: {warning}" for warning in result.segmentation.warnings)
     if add_to_project(project, result) is None:
         summary.skipped.append(path)  # another process added it meanwhile
     elif result.crops is None:

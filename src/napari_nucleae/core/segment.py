@@ -7,7 +7,7 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,11 @@ METHODS = ("auto", "cellpose", "classical")
 MIN_SIDE = 8
 MAX_PLANE_PIXELS = 2**28  # 16384 × 16384
 MAX_PIXELS_ENV = "NUCLEAE_MAX_PLANE_PIXELS"
+MAX_CHANNELS = 4  # a 3-D image with at most this many planes may be channel-first (C, Y, X)
+CHANNEL_CORRELATION = 0.5  # planes of a z or time stack correlate more than this ...
+CHANNEL_DISTRIBUTION = 0.2  # ... and their intensity distributions differ less (KS distance)
+NOISE_SMOOTH_VARIANCE = 0.15  # a nuclear stain keeps most of its variance when smoothed
+LABELS_FLATNESS = 0.9  # share of equal neighbours inside the foreground of a label image
 
 Progress = Callable[[int, int, str], None]
 ShouldStop = Callable[[], bool]
@@ -65,11 +70,18 @@ class SegmentParams:
 
 @dataclass
 class Segmentation:
-    """Labels for every plane (labels unique across planes) and how they were made."""
+    """Labels for every plane (labels unique across planes), how they were made, and signs
+    that the result is implausible."""
 
     labels: np.ndarray
     method: str
-    note: str = ""
+    method_note: str = ""  # e.g. the fallback from cellpose to the classical method
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def note(self) -> str:
+        """Everything worth telling the user, in one line."""
+        return "; ".join(filter(None, [self.method_note, *self.warnings]))
 
     @property
     def n_nuclei(self) -> int:
@@ -109,13 +121,17 @@ def prepare_planes(
     channel: int | None = None,
     channel_axis: int | None = None,
     max_pixels: int | None = None,
+    stack: bool = False,
 ) -> tuple[Any, bool]:
     """Validate an image; return grayscale planes ``(P, Y, X)`` and whether it is a stack.
 
     Accepts 2-D ``(Y, X)`` and 3-D ``(T or Z, Y, X)`` images. Multichannel data needs a
-    ``channel``; the channel axis is ``channel_axis`` or, for RGB(A)-looking images, the last.
-    NumPy images stay NumPy; dask, zarr and other lazy arrays come back as dask arrays, and
-    nothing is read before the shape checks (see :func:`check_plane_size`).
+    ``channel``; the channel axis is ``channel_axis``, else the last for RGB(A)-looking
+    images, else the first when a ``channel`` is given. A 3-D image of at most
+    :data:`MAX_CHANNELS` planes that differ like channels do (see :func:`looks_like_channels`)
+    is refused unless ``stack``. NumPy images stay NumPy; dask, zarr and other lazy arrays
+    come back as dask arrays, and nothing is read before the shape checks (see
+    :func:`check_plane_size`).
     """
     image = as_array(image)
     if image.dtype == bool or not (
@@ -124,6 +140,11 @@ def prepare_planes(
         raise InputError(f"images must be numeric (integer or float), got dtype {image.dtype}")
     if channel_axis is None and image.ndim >= 3 and image.shape[-1] in (3, 4):
         channel_axis = -1
+    if channel_axis is None and channel is not None and image.ndim == 3:
+        channel_axis = 0  # a channel chosen in a (C, Y, X) image
+    maybe_channels = (
+        not stack and channel_axis is None and image.ndim == 3 and image.shape[0] <= MAX_CHANNELS
+    )
     if channel_axis is not None:
         n_channels = image.shape[channel_axis]
         if channel is None:
@@ -153,7 +174,80 @@ def prepare_planes(
         raise InputError("the image contains NaN or infinite values; clean or fill them first")
     if lo == hi:
         raise InputError(f"the image is empty: every pixel equals {lo:g}")
+    if maybe_channels and len(image) > 1:
+        refuse_channels(image)
     return image, is_stack
+
+
+def refuse_channels(planes: Any) -> None:
+    """Raise :class:`InputError` when the planes ``(P, Y, X)`` look like channels."""
+    differ = looks_like_channels([_sample(read_plane(planes, i)) for i in range(len(planes))])
+    if differ is not None:
+        correlation, distance = differ
+        n = len(planes)
+        raise InputError(
+            f"the image of shape {tuple(planes.shape)} looks like {n} channels on axis 0, not "
+            f"a z or time stack: its planes differ in content (correlation {correlation:.2f}) "
+            f"and in brightness (distribution distance {distance:.2f}). Choose the nuclear "
+            f"channel (0–{n - 1}; --channel in the command line), or treat the image as a "
+            "stack anyway (--stack)"
+        )
+
+
+def looks_like_channels(planes: list[np.ndarray]) -> tuple[float, float] | None:
+    """The lowest correlation and the largest Kolmogorov–Smirnov distance between the
+    intensity distributions of two planes when both say "channels" (planes of one stain in
+    a z or time stack look alike and share a distribution), else None."""
+    pairs = [(a, b) for i, a in enumerate(planes) for b in planes[i + 1 :]]
+    correlation = min(_correlation(a, b) for a, b in pairs)
+    distance = max(_ks_distance(a, b) for a, b in pairs)
+    if correlation < CHANNEL_CORRELATION and distance > CHANNEL_DISTRIBUTION:
+        return correlation, distance
+    return None
+
+
+def _sample(plane: np.ndarray, side: int = 512) -> np.ndarray:
+    """A plane subsampled to about ``side`` × ``side`` pixels, as float64."""
+    step = max(1, max(plane.shape) // side)
+    return np.asarray(plane[::step, ::step], dtype=np.float64)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.sort(a.ravel()), np.sort(b.ravel())
+    both = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, both, side="right") / a.size
+    cdf_b = np.searchsorted(b, both, side="right") / b.size
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+def implausible(plane: np.ndarray, n_nuclei: int) -> str:
+    """Why a plane's segmentation is unlikely to be real nuclei ('' when nothing stands out):
+    an image that is mostly pixel-to-pixel noise, or a label image passed as an image."""
+    sample = _sample(plane)
+    variance = sample.var()
+    if n_nuclei and variance > 0:
+        kept = gaussian(sample, sigma=2).var() / variance
+        if kept < NOISE_SMOOTH_VARIANCE:
+            return (
+                f"the image varies mostly from one pixel to the next, like pure noise (smoothed, "
+                f"it keeps {kept:.0%} of its variance; a nuclear stain keeps most of it): the "
+                f"{n_nuclei} nuclei found are unlikely to be real"
+            )
+    if np.issubdtype(plane.dtype, np.integer) and len(np.unique(sample)) > 2:
+        inside = (sample[:, 1:] != 0) & (sample[:, :-1] != 0)
+        flat = sample[:, 1:][inside] == sample[:, :-1][inside]
+        if flat.size and flat.mean() > LABELS_FLATNESS:
+            return (
+                "the image looks like a label image (regions of one whole number each), not a "
+                "nuclear stain: segment the image itself, or crop with these labels directly"
+            )
+    return ""
 
 
 # ---------------------------------------------------------------------------- cellpose adapter
@@ -281,12 +375,14 @@ def segment(
     *,
     channel: int | None = None,
     channel_axis: int | None = None,
+    stack: bool = False,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> Segmentation:
-    """Segment an image; labels have its spatial shape (``(Y, X)`` or ``(P, Y, X)``)."""
+    """Segment an image; labels have its spatial shape (``(Y, X)`` or ``(P, Y, X)``).
+    ``stack`` treats a 3-D image as planes even when they differ like channels."""
     max_pixels = params.max_plane_pixels if params is not None else None
-    planes, is_stack = prepare_planes(image, channel, channel_axis, max_pixels)
+    planes, is_stack = prepare_planes(image, channel, channel_axis, max_pixels, stack)
     seg = segment_planes(planes, params, progress=progress, should_stop=should_stop)
     if not is_stack:
         seg.labels = seg.labels[0]
@@ -315,16 +411,21 @@ def segment_planes(
             log.warning(note)
     run_plane = cellpose_plane if method == "cellpose" else classical_plane
     labels = np.zeros(planes.shape, dtype=np.int32)
-    offset = 0
+    offset, warnings = 0, []
     for i in range(len(planes)):
         if should_stop is not None and should_stop():
             raise InterruptedError("segmentation cancelled")
-        plane_labels = run_plane(read_plane(planes, i), params)
+        plane = read_plane(planes, i)
+        plane_labels = run_plane(plane, params)
         labels[i] = np.where(plane_labels > 0, plane_labels + offset, 0)
         offset += int(plane_labels.max())
+        warning = implausible(plane, int(plane_labels.max()))
+        if warning and not warnings:
+            warnings.append(warning if len(planes) == 1 else f"plane {i}: {warning}")
+            log.warning(warnings[-1])
         if progress is not None:
             progress(i + 1, len(planes), f"segmented plane {i + 1}/{len(planes)}")
-    return Segmentation(labels, method, note)
+    return Segmentation(labels, method, note, warnings)
 
 
 def _use_gpu(params: SegmentParams) -> bool:
