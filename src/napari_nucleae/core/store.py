@@ -225,7 +225,9 @@ class Project:
         self.meta = meta
         self.notes: list[str] = []  # e.g. a stale writer lock taken over
         self._table_cache: pd.DataFrame | None = None
-        self._part_rows: dict[str, int] = {}  # committed crops parts never change
+        self._part_rows: dict[str, int] = {}  # committed parts never change: read once
+        self._image_rows: dict[str, pd.DataFrame] = {}
+        self._image_ids: dict[str, frozenset] = {}
         self._committed: list[str] | None = None  # committed part names, read on first use
         self._n_rows = 0
         self._lock_depth = 0
@@ -489,14 +491,25 @@ class Project:
 
     def images(self) -> pd.DataFrame:
         """One row per ingested source image (committed appends only)."""
-        parts = [self.path / "images.parquet" / n for n in self._committed_parts()]
+        parts = self._image_parts()
         if not parts:
             return pd.DataFrame({"image_id": pd.Series(dtype=str)})
-        return pd.concat([_checked(p, pd.read_parquet) for p in parts], ignore_index=True)
+        return pd.concat(parts, ignore_index=True)
 
     def has_image(self, image_id: str) -> bool:
-        images = self.images()
-        return bool((images["image_id"] == image_id).any())
+        """Whether a committed append holds ``image_id``."""
+        self._image_parts()
+        return any(image_id in ids for ids in self._image_ids.values())
+
+    def _image_parts(self) -> list[pd.DataFrame]:
+        """The committed images parts (each read once: committed parts never change)."""
+        names = self._committed_parts()
+        for name in names:
+            if name not in self._image_rows:
+                frame = _checked(self.path / "images.parquet" / name, pd.read_parquet)
+                self._image_rows[name] = frame
+                self._image_ids[name] = frozenset(frame["image_id"])
+        return [self._image_rows[name] for name in names]
 
     def features(self) -> pd.DataFrame:
         """Derived per-crop columns (empty frame when none were written)."""
