@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -349,3 +350,39 @@ def test_concurrent_settings_changes_are_not_undone(tmp_path):
     first.set_active_model("ae")
     second.append({"image_id": "img1"}, *batch(1))  # its meta predates set_active_model
     assert Project.open(first.path).meta.active_model == "ae"
+
+
+def test_a_reader_thread_during_appends_sees_committed_rows_only(tmp_path):
+    """As in the viewer: a widget opens and reads the project while Segment appends."""
+    path = tmp_path / "p"
+    project = Project.create(path, PARAMS)
+    done, seen, problems = threading.Event(), set(), []
+
+    def read_in_a_loop() -> None:
+        try:
+            while not done.is_set():
+                reader = Project.open(path)
+                images = reader.images()
+                expected = [batch(int(i[3:]))[0] for i in images["image_id"]]
+                crops = reader.read_crops(slice(None))
+                np.testing.assert_array_equal(
+                    crops, np.concatenate([np.zeros((0, 64, 64)), *expected])
+                )
+                assert len(reader.table()) == len(crops)
+                seen.add(len(images))
+        except Exception as err:  # reported below, in the test's thread
+            problems.append(err)
+
+    thread = threading.Thread(target=read_in_a_loop)
+    thread.start()
+    for i in range(40):
+        project.append({"image_id": f"img{i}"}, *batch(i))
+        deadline = time.monotonic() + 120
+        while i % 10 == 9 and i + 1 not in seen and not problems:  # let it read this state
+            assert time.monotonic() < deadline, "the reader thread read nothing in 120 s"
+            time.sleep(0.01)
+    done.set()
+    thread.join()
+    assert not problems
+    assert {10, 20, 30, 40} <= seen
+    assert_same_project(Project.open(path), filled(tmp_path / "clean", 40))

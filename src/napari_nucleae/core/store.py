@@ -260,7 +260,9 @@ class Project:
             meta = ProjectMeta(crop=crop)
             atomic_write_bytes(staging / "project.json", meta.to_json().encode())
             os.chmod(staging, 0o777 & ~_umask())
-            os.rename(staging, path)  # replaces an empty folder, fails on a non-empty one
+            if path.is_dir():
+                path.rmdir()  # empty (checked above); fails if a concurrent creator filled it
+            os.rename(staging, path)  # fails if a concurrent creator was quicker
         except OSError as err:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise ProjectError(f"{path} already contains a project; open it instead") from err
@@ -574,7 +576,7 @@ class Project:
         arr = zarr.open_array(
             str(self._inside("crops.zarr")), mode="r+", config={"write_empty_chunks": True}
         )
-        self._inside("crops.zarr", "c")
+        self._inside("crops.zarr", "c")  # where the chunks go: refused if it leads out
         if arr.shape[0] != stop:
             arr.resize((stop, size, size))
         if len(crops):
