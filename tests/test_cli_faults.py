@@ -270,3 +270,23 @@ def test_a_channel_first_file_asks_for_its_channel_and_a_label_image_gets_a_note
         f"note: {tmp_path / 'labels_as_image.tif'}: the image looks like a label image"
         in capsys.readouterr().out
     )
+
+
+def test_an_image_that_exhausts_memory_fails_alone(tmp_path, capsys, monkeypatch):
+    from napari_nucleae.core import ingest
+
+    real = ingest.process_image
+
+    def process(image, params, *, path, **kwargs):
+        if path.endswith("big.tif"):
+            raise MemoryError
+        return real(image, params, path=path, **kwargs)
+
+    monkeypatch.setattr(ingest, "process_image", process)
+    shutil.copy(bbbc007_paths()[0], tmp_path / "big.tif")
+    shutil.copy(bbbc007_paths()[1], tmp_path / "small.tif")
+    code = main(["ingest", str(tmp_path / "*.tif"), "--project", str(tmp_path / "p"), *INGEST])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert f"failed: {tmp_path / 'big.tif'}: ran out of memory on this image" in out
+    assert "1 images added" in out

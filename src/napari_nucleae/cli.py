@@ -647,6 +647,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # the environment: a full disk, no permission ...
         print(f"nucleae {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            f"nucleae {args.command}: error: out of memory; process less at a time "
+            "(fewer --workers, smaller images or batches) or use a machine with more memory",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"nucleae {args.command}: interrupted", file=sys.stderr)
         return 130

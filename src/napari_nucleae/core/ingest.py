@@ -249,6 +249,8 @@ def process_file(path: str, params: IngestParams, image_id: str) -> ImageResult 
             return process_image(image, params, image_id=image_id, path=path)
     except NucleaeError as err:
         return Failure(str(err))
+    except MemoryError:
+        return Failure("ran out of memory on this image; process fewer images at a time")
 
 
 def add_to_project(project: Project, result: ImageResult) -> range | None:
