@@ -49,8 +49,7 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     train = _dock(viewer, TrainWidget(viewer))
     train.project.value = folder
     assert str(train.project.value) == str(folder)  # prefilled from the session
-    train.epochs.value, train.latent_dim.value, train.n_blocks.value = 2, 8, 2
-    train.min_steps.value = 0
+    train.epochs.value, train.min_steps.value = 2, 0
     _finish(qtbot, train, train.start_button)
     assert train.plot.epochs == [1, 2]
     _finish(qtbot, train, train.embed_button)

@@ -38,7 +38,7 @@ from ..core.model import (
 )
 from ..core.train import TrainResult, train
 from ._common import StatusLabel, add_progress, bind_project, require_project
-from ._session import Session
+from ._session import Session, follow
 from ._settings import remember
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -137,7 +137,7 @@ class TrainWidget(Container):
         super().__init__(scrollable=True)
         self.viewer = viewer
         self.session = Session.of(viewer)
-        self.project = bind_project(self, self.session, self._project_changed)
+        self.project = bind_project(self, self.session, lambda: None)
         self.variant = ComboBox(
             choices=VARIANTS,
             value="ae",
@@ -187,6 +187,7 @@ class TrainWidget(Container):
         self.start_button.changed.connect(self.start_training)
         self.load_button.changed.connect(self.load_checkpoint)
         self.embed_button.changed.connect(self.start_embedding)
+        follow(self, self.session.project_changed, self._project_changed)
         remember(self, "train", skip=("resume",))
         self._show_settings(self.all_settings.value)
 
@@ -203,8 +204,7 @@ class TrainWidget(Container):
         for name, widget in self.settings.items():
             widget.visible = everything or name in BASIC
 
-    def _project_changed(self) -> None:
-        project = self.session.project
+    def _project_changed(self, project) -> None:
         if project is not None:
             model = project.meta.active_model
             self.status.value = f"{len(project)} crops; model: {model or 'none yet'}"
