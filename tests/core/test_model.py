@@ -8,12 +8,15 @@ from torch import nn
 
 from napari_nucleae.core.errors import InputError, NucleaeError
 from napari_nucleae.core.model import (
+    AUTO,
+    LEGACY_SETTINGS,
     Autoencoder,
     CheckpointError,
     LoadedModel,
     ModelConfig,
     PCAModel,
     build_model,
+    default_blocks,
     load_model,
     make_checkpoint,
     save_checkpoint,
@@ -33,11 +36,31 @@ def _save(tmp_path, network, config, name="m"):
     return path
 
 
-def test_config_defaults_follow_the_reference_and_round_trip_through_json():
+def test_config_defaults_and_json_round_trip():
     config = ModelConfig("vae", 64)
-    assert (config.n_blocks, config.base_filters, config.latent_dim) == (4, 16, 512)
-    assert (config.lr, config.batch_size) == (1e-3, 64)
+    assert (config.n_blocks, config.base_filters, config.latent_dim) == (4, 16, AUTO)
+    assert (config.lr, config.batch_size, config.arch, config.init) == (
+        1e-3,
+        64,
+        "norm",
+        "kaiming",
+    )
+    assert [default_blocks(s) for s in (16, 32, 64, 128, 256)] == [2, 3, 4, 5, 5]
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_settings_a_checkpoint_predates_take_the_seed_recipe():
+    old = {k: v for k, v in ModelConfig("ae", 32, latent_dim=8).to_dict().items()}
+    for key in LEGACY_SETTINGS:
+        del old[key]
+    config = ModelConfig.from_dict(old)
+    assert (config.arch, config.schedule, config.min_steps, config.augment) == (
+        "reference",
+        "constant",
+        0,
+        False,
+    )
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(config).modules())
 
 
 @pytest.mark.parametrize(
@@ -45,8 +68,12 @@ def test_config_defaults_follow_the_reference_and_round_trip_through_json():
     [
         {"crop_size": 30},  # not divisible by 2**2
         {"variant": "gan"},
-        {"latent_dim": 0},
+        {"latent_dim": -1},
         {"lr": 0.0},
+        {"lr": float("nan")},
+        {"lr": 1e6},
+        {"arch": "resnet"},
+        {"latent_dim": 2**31},
         {"variant": "pca", "latent_dim": 32 * 32 + 1},
     ],
 )
@@ -61,7 +88,7 @@ def test_unknown_settings_are_refused():
 
 
 def test_reference_architecture_layers_and_shapes():
-    config = ModelConfig("ae", 32, n_blocks=3, base_filters=4, latent_dim=10)
+    config = ModelConfig("ae", 32, arch="reference", n_blocks=3, base_filters=4, latent_dim=10)
     net = build_model(config)
     convs = [m for m in net.encoder if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [4, 4, 8, 8, 16, 16]

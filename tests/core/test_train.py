@@ -1,4 +1,5 @@
 import json
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -9,9 +10,22 @@ from torch.utils.data import DataLoader
 from napari_nucleae.core import store
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.model import ModelConfig, build_model, load_model, read_checkpoint
-from napari_nucleae.core.train import ChunkStream, collapse_note, split_crops, train
+from napari_nucleae.core.train import ChunkStream, collapse_note, split_crops
+from napari_nucleae.core.train import train as train_handling_collapse
 
-SMALL = {"n_blocks": 2, "base_filters": 8, "latent_dim": 16, "batch_size": 32}
+# The mechanics tests train for an epoch or two, too short to learn more than the mean image:
+# collapse is only noted there; the handling itself is tested in test_learning.py.
+train = partial(train_handling_collapse, on_collapse="warn")
+
+# small and quick: no step minimum, no early stopping (the mechanics, not the learning)
+SMALL = {
+    "n_blocks": 2,
+    "base_filters": 8,
+    "latent_dim": 16,
+    "batch_size": 32,
+    "min_steps": 0,
+    "patience": 0,
+}
 
 
 def _config(variant: str = "ae", size: int = 32, **changes) -> ModelConfig:
@@ -32,7 +46,7 @@ def test_training_lowers_validation_loss_and_writes_checkpoints(make_project):
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert history["val_loss"].iloc[-1] < 0.6 * history["val_loss"].iloc[0]
     assert not result.stopped and result.split == "image"
-    # four epochs on blobs learn the mean image: flagged as a collapsed model, nothing else
+    # at most a collapse warning (four epochs may learn little more than the mean image)
     assert [n for n in result.notes if "almost alike" not in n] == []
     assert [e for e, _ in epochs_seen] == [1, 2, 3, 4]
     assert epochs_seen[-1][1] == pytest.approx(history["val_loss"].iloc[-1])
@@ -204,7 +218,7 @@ def test_a_collapsed_model_is_flagged_and_a_working_one_is_not(make_project):
         for parameter in network.parameters():
             parameter.zero_()  # every output pixel is sigmoid(0) = 0.5, whatever the crop
     note = collapse_note(network, crops, torch.device("cpu"))
-    assert "reconstructs every crop almost alike" in note and "smaller crops" in note
+    assert "reconstructs every crop almost alike" in note
 
     result = train(project, ModelConfig("pca", 32, latent_dim=16), 1, name="pca")
     fitted = load_model(result.last, "cpu").network

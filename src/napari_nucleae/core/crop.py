@@ -21,6 +21,8 @@ from .store import CropParams
 
 BATCH = 512
 FILL = 0.9  # a rescaled nucleus spans this fraction of the crop
+CROP_SIZES = (32, 48, 64, 96, 128, 192, 256)  # offered crop sizes (each fits auto blocks)
+SUGGEST_MARGIN = 1.15  # the suggested crop is this much wider than the large nuclei
 
 MEASUREMENT_COLUMNS = [
     "plane",
@@ -337,3 +339,39 @@ def crop_nuclei(planes: Any, labels: np.ndarray, params: CropParams | None = Non
     measurements["cropped"] = cropped
     table = measurements[cropped].drop(columns="cropped").reset_index(drop=True)
     return CropResult(crops[0] if len(crops) == 1 else np.concatenate(crops), table, measurements)
+
+
+def nucleus_extent(table: pd.DataFrame) -> np.ndarray:
+    """Each nucleus's larger bounding-box side in pixels (what a crop must hold)."""
+    height = table["bbox_y1"].to_numpy(np.float64) - table["bbox_y0"].to_numpy(np.float64)
+    width = table["bbox_x1"].to_numpy(np.float64) - table["bbox_x0"].to_numpy(np.float64)
+    return np.maximum(height, width)
+
+
+def suggest_crop_size(table: pd.DataFrame) -> int | None:
+    """The smallest offered crop size that holds 95 % of the measured nuclei with a margin,
+    so that nuclei fill the crop (None without measurements)."""
+    if len(table) == 0 or not {"bbox_y0", "bbox_x1"} <= set(table):
+        return None
+    wanted = SUGGEST_MARGIN * float(np.percentile(nucleus_extent(table), 95))
+    return next((size for size in CROP_SIZES if size >= wanted), CROP_SIZES[-1])
+
+
+def crop_size_note(table: pd.DataFrame, crop_size: int) -> str | None:
+    """A suggestion when the crop size is far from the measured nuclei (None when it fits):
+    mostly-background crops teach an autoencoder little, cut nuclei lose their shape."""
+    suggested = suggest_crop_size(table)
+    if suggested is None or suggested == crop_size:
+        return None
+    if CROP_SIZES.index(suggested) - _nearest_offered(crop_size) in (-1, 0, 1):
+        return None  # one step away: close enough
+    extent = float(np.percentile(nucleus_extent(table), 95))
+    return (
+        f"95 % of the nuclei are at most {extent:.0f} px across: a crop size of {suggested} "
+        f"would let them fill the crop (this project uses {crop_size})"
+    )
+
+
+def _nearest_offered(size: int) -> int:
+    """Index of the offered crop size closest to ``size``."""
+    return int(np.argmin([abs(np.log2(size / s)) for s in CROP_SIZES]))

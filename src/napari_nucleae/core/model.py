@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +43,82 @@ def check_model_name(name: object) -> str:
     return name
 
 
+ARCHS = ("norm", "reference")
+INITS = ("kaiming", "torch")
+SCHEDULES = ("warmup-cosine", "constant")
+AUTO = 0  # n_blocks / latent_dim: chosen from the crop size / the data
+MAX_LATENT = 512  # the reference study's latent size; the auto size never exceeds it
+# Settings a checkpoint written before they existed was trained with (the seed's recipe).
+LEGACY_SETTINGS = {
+    "arch": "reference",
+    "init": "torch",
+    "schedule": "constant",
+    "min_steps": 0,
+    "patience": 0,
+    "augment": False,
+}
+
+
+def default_blocks(crop_size: int) -> int:
+    """Encoder blocks for a crop size: halve down to a 4-pixel side, between 1 and 5 blocks."""
+    return max(1, min(5, int(np.log2(crop_size)) - 2))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and optimisation settings; stored with every checkpoint."""
+    """Architecture and optimisation settings; stored with every checkpoint.
+
+    ``n_blocks`` and ``latent_dim`` left at :data:`AUTO` are chosen from the crop size and
+    (latent size, when training) from the crops. ``min_steps`` extends a short run on a small
+    project to that many optimiser steps; ``patience`` stops after that many epochs without
+    a better validation loss (0: never); ``augment`` applies flips, 90° rotations and an
+    intensity jitter of ``jitter`` (a fraction) to training batches.
+    """
 
     variant: str
     crop_size: int
-    n_blocks: int = 4
+    arch: str = "norm"
+    n_blocks: int = AUTO
     base_filters: int = 16
-    latent_dim: int = 512
+    latent_dim: int = AUTO
     lr: float = 1e-3
     batch_size: int = 64
     kl_weight: float = 1e-3
     noise_std: float = 0.1
+    init: str = "kaiming"
+    schedule: str = "warmup-cosine"
+    warmup: float = 0.05
+    min_steps: int = 600
+    patience: int = 20
+    augment: bool = True
+    jitter: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise InputError(f"model variant must be one of {VARIANTS}, got {self.variant!r}")
-        for name in ("crop_size", "n_blocks", "base_filters", "latent_dim", "batch_size"):
+        for name, choices in (
+            ("variant", VARIANTS),
+            ("arch", ARCHS),
+            ("init", INITS),
+            ("schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in choices:
+                raise InputError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.n_blocks == AUTO:
+            object.__setattr__(self, "n_blocks", default_blocks(self.crop_size))
+        for name in ("crop_size", "n_blocks", "base_filters", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0 or self.kl_weight < 0 or self.noise_std < 0:
-            raise InputError("lr must be positive; kl_weight and noise_std must not be negative")
+        for name in ("latent_dim", "min_steps", "patience"):
+            if int(getattr(self, name)) < 0:
+                raise InputError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.latent_dim > 65_536:
+            raise InputError(f"latent size {self.latent_dim} is implausibly large (max 65536)")
+        if not (0 < self.lr <= 1) or self.kl_weight < 0 or self.noise_std < 0:
+            raise InputError(
+                f"lr must be in (0, 1] (got {self.lr}); kl_weight and noise_std must not be "
+                "negative"
+            )
+        if not (0 <= self.warmup < 1 and 0 <= self.jitter < 1):
+            raise InputError("warmup and jitter are fractions in [0, 1)")
         if self.variant == "pca":
             if self.latent_dim > self.crop_size**2:
                 raise InputError(
@@ -80,40 +134,61 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_latent_dim(self, latent_dim: int) -> ModelConfig:
+        """This configuration with a concrete latent size."""
+        return replace(self, latent_dim=int(latent_dim))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Settings from a dict; keys a checkpoint predates take the seed's values."""
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise InputError(f"unknown model settings: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{**LEGACY_SETTINGS, **data})
 
 
 # ---------------------------------------------------------------------------- networks
-def _conv_pair(c_in: int, c_out: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(c_in, c_out, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1),
-        nn.ReLU(inplace=True),
-    ]
+def _conv_pair(c_in: int, c_out: int, norm: bool) -> list[nn.Module]:
+    """Two 3x3 convolutions with ReLU, each batch-normalised when ``norm``."""
+    layers: list[nn.Module] = []
+    for a, b in ((c_in, c_out), (c_out, c_out)):
+        layers.append(nn.Conv2d(a, b, 3, padding=1, bias=not norm))
+        if norm:
+            layers.append(nn.BatchNorm2d(b))
+        layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He-normal weights for ReLU convolutions and dense layers, zero biases."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class Autoencoder(nn.Module):
-    """Reference convolutional autoencoder.
+    """Convolutional autoencoder after the seed's reference design.
 
     Encoder: per block two 3x3 conv + ReLU and a 2x2 average pool, then a linear dense layer to
     the latent. Decoder: dense, reshape, per block a stride-2 transposed conv and two 3x3 conv
-    + ReLU, then a 1x1 conv and a sigmoid. Filters double per block.
+    + ReLU, then a 1x1 conv and a sigmoid. Filters double per block. ``arch="norm"`` adds batch
+    normalisation after every 3x3 conv (the seed's plain network is ``arch="reference"``);
+    ``init="kaiming"`` draws He-normal weights instead of PyTorch's defaults.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.latent_dim < 1:
+            raise InputError("the latent size must be chosen (a positive integer) before building")
         self.config = config
+        norm = config.arch == "norm"
         widths = [config.base_filters * 2**i for i in range(config.n_blocks)]
         layers: list[nn.Module] = []
         c_in = 1
         for width in widths:
-            layers += [*_conv_pair(c_in, width), nn.AvgPool2d(2)]
+            layers += [*_conv_pair(c_in, width, norm), nn.AvgPool2d(2)]
             c_in = width
         self.encoder = nn.Sequential(*layers, nn.Flatten())
         side = config.crop_size // 2**config.n_blocks
@@ -124,8 +199,26 @@ class Autoencoder(nn.Module):
         layers = []
         outs = [*widths[::-1][1:], widths[0]]
         for w_in, w_out in zip(widths[::-1], outs, strict=True):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 2, stride=2), *_conv_pair(w_out, w_out)]
+            layers += [
+                nn.ConvTranspose2d(w_in, w_out, 2, stride=2),
+                *_conv_pair(w_out, w_out, norm),
+            ]
         self.decoder = nn.Sequential(*layers, nn.Conv2d(widths[0], 1, 1), nn.Sigmoid())
+        if config.init == "kaiming":
+            kaiming_init(self)
+            nn.init.xavier_normal_(self.to_latent.weight)  # linear, not followed by a ReLU
+            nn.init.xavier_normal_(self.output.weight)
+
+    @property
+    def output(self) -> nn.Conv2d:
+        """The last (1x1) convolution before the sigmoid."""
+        return self.decoder[-2]
+
+    def set_output_level(self, mean: float) -> None:
+        """Start the output at the crops' mean intensity instead of the sigmoid's 0.5."""
+        level = float(np.clip(mean, 1e-3, 1 - 1e-3))
+        with torch.no_grad():
+            self.output.bias.fill_(float(np.log(level / (1 - level))))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(self.encoder(x))

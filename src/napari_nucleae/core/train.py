@@ -11,24 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.decomposition import IncrementalPCA
+from sklearn.decomposition import PCA, IncrementalPCA
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import __version__
-from .errors import InputError
+from .errors import InputError, NucleaeError
 from .explore import sample_rows
 from .model import (
+    AUTO,
+    MAX_LATENT,
+    Autoencoder,
     ModelConfig,
     Network,
     PCAModel,
@@ -47,6 +51,12 @@ from .store import Project, atomic_write_bytes
 BUFFER_CHUNKS = 8
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "seconds")
 COLLAPSE_RATIO = 0.1  # output spread across crops below this share of the input spread
+CHECK_AFTER = 1 / 3  # share of the planned steps after which a low spread counts as collapse
+CHECK_EVERY = 100  # optimiser steps between collapse checks
+MIN_CHECK_STEPS = 200  # fewer steps than this are too few to call a model collapsed
+PROBE_CROPS = 256
+MAX_RESTARTS = 2
+COLLAPSE_ACTIONS = ("restart", "stop", "warn")
 
 Progress = Callable[[int, int, str], None]
 T = TypeVar("T")
@@ -130,6 +140,7 @@ class ChunkStream(IterableDataset):
 
     Chunks are visited in a seeded order that changes with ``epoch`` and shuffled within a
     buffer of ``buffer_chunks`` chunks. Worker processes each take a fixed share of the chunks.
+    An epoch is ``passes`` passes over the rows.
     """
 
     def __init__(
@@ -147,6 +158,7 @@ class ChunkStream(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.passes = 1  # passes over the rows per epoch (more for small projects)
         chunk = int(project.crops.chunks[0])
         self.buffer_rows = max(batch_size, buffer_chunks * chunk)
         rows = np.asarray(rows, dtype=np.int64)
@@ -157,9 +169,10 @@ class ChunkStream(IterableDataset):
         return [self.blocks[w::n_workers] for w in range(n_workers)]
 
     def n_batches(self, n_workers: int = 0) -> int:
-        """Batches per epoch (each worker ends with one partial batch)."""
+        """Batches per epoch (each worker ends each pass with one partial batch)."""
         shards = self._shards(max(1, n_workers))
-        return sum(math.ceil(sum(map(len, s)) / self.batch_size) for s in shards)
+        per_pass = sum(math.ceil(sum(map(len, s)) / self.batch_size) for s in shards)
+        return per_pass * self.passes
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         first = int(rows[0])
@@ -169,8 +182,12 @@ class ChunkStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        blocks = self._shards(n_workers)[worker]
-        rng = np.random.default_rng([self.seed, self.epoch, worker])
+        for repeat in range(self.passes):
+            yield from self._pass(self._shards(n_workers)[worker], [worker, repeat])
+
+    def _pass(self, blocks: list[np.ndarray], key: list[int]) -> Iterator[torch.Tensor]:
+        """One pass over ``blocks`` in batches, shuffled with a seed made of ``key``."""
+        rng = np.random.default_rng([self.seed, self.epoch, *key])
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         size = self.project.crop_size
@@ -221,16 +238,59 @@ class _Precision:
 
 
 # ---------------------------------------------------------------------------- loops
+def augment(batch: torch.Tensor, jitter: float) -> torch.Tensor:
+    """Random flips, 90° rotations and an intensity scale of ±``jitter`` per crop (nuclei
+    have no preferred orientation or handedness, and stains vary in brightness)."""
+    n = len(batch)
+    flip = torch.rand(n, device=batch.device) < 0.5
+    out = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    turns = torch.randint(0, 4, (n,), device=batch.device)
+    for k in range(1, 4):
+        chosen = turns == k
+        if chosen.any():
+            out[chosen] = torch.rot90(out[chosen], k, dims=(-2, -1))
+    if jitter > 0:
+        scale = 1 + jitter * (2 * torch.rand(n, 1, 1, 1, device=batch.device) - 1)
+        out = (out * scale).clamp(0.0, 1.0)
+    return out
+
+
+def lr_factor(total_steps: int, warmup: float, schedule: str) -> Callable[[int], float]:
+    """The learning-rate multiplier per optimiser step: linear warm-up over ``warmup`` of the
+    steps, then (``"warmup-cosine"``) a cosine decay to 1 % of the rate."""
+    warm = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        done = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return factor
+
+
+@dataclass
+class _Steps:
+    """One optimiser step's machinery: optimiser, schedule, precision and augmentation."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: _Precision
+    jitter: float | None  # None: no augmentation
+
+
 def _train_epoch(
     network: Network,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    precision: _Precision,
+    steps: _Steps,
     tick: Callable[[], None],
     should_stop: Callable[[], bool],
 ) -> float | None:
     """Mean training loss per crop, or None when stopped before the epoch ended."""
     network.train()
+    precision = steps.precision
     channels_last = uses_channels_last(network, precision.device)
     total = torch.zeros((), device=precision.device)
     count = 0
@@ -238,12 +298,15 @@ def _train_epoch(
         if should_stop():
             return None
         batch = to_batch(crops, precision.device, channels_last)
+        if steps.jitter is not None:
+            batch = augment(batch, steps.jitter)
         with precision.autocast():
             loss, _ = network.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
+        steps.optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
+        precision.scaler.step(steps.optimizer)
         precision.scaler.update()
+        steps.scheduler.step()
         total += loss.detach().float() * len(batch)
         count += len(batch)
         tick()
@@ -316,12 +379,45 @@ def _resume_state(folder: Path, config: ModelConfig | None) -> tuple[ModelConfig
         raise InputError(f"nothing to resume: {last} does not exist")
     checkpoint = read_checkpoint(last)
     stored = checkpoint_config(checkpoint, last)
-    if config is not None and config != stored:
-        changed = {k for k, v in config.to_dict().items() if stored.to_dict()[k] != v}
-        raise InputError(f"cannot resume with different settings ({sorted(changed)})")
+    if config is not None:
+        given = config.to_dict()
+        if given["latent_dim"] == AUTO:
+            given["latent_dim"] = stored.latent_dim
+        changed = sorted(k for k, v in given.items() if stored.to_dict()[k] != v)
+        if changed:
+            raise InputError(f"cannot resume with different settings ({', '.join(changed)})")
     if stored.variant == "pca":
         raise InputError("a PCA model has no epochs to resume; train it again instead")
     return stored, checkpoint
+
+
+def _claim_name(project: Project, name: str, overwrite: bool) -> None:
+    """Refuse to replace a trained model unless ``overwrite``; with it, drop the old model's
+    checkpoints and latents (they belong to the model being replaced)."""
+    folder = project.model_dir(name)
+    trained = [folder / f for f in ("last.pt", "best.pt") if (folder / f).is_file()]
+    if not trained:
+        return
+    if not overwrite:
+        raise InputError(
+            f"model {name!r} already exists in this project; choose another name, resume it, "
+            "or overwrite it (--resume / --overwrite)"
+        )
+    for file in trained:
+        file.unlink()
+    shutil.rmtree(project.latents_path(name), ignore_errors=True)
+
+
+def auto_latent_dim(crops: np.ndarray) -> int:
+    """A latent size from the data: the principal components that hold 95 % of the crops'
+    variance, rounded up to a power of two between 16 and :data:`MAX_LATENT`."""
+    flat = crops.reshape(len(crops), -1).astype(np.float32)
+    k = min(MAX_LATENT, len(flat) - 1, flat.shape[1])
+    if k < 2 or not flat.var(axis=0).sum() > 0:
+        return 16
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=0).fit(flat)
+    needed = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), 0.95)) + 1
+    return int(np.clip(2 ** math.ceil(math.log2(max(needed, 1))), 16, MAX_LATENT))
 
 
 def train(
@@ -332,20 +428,29 @@ def train(
     name: str = "default",
     device: str | torch.device | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     val_fraction: float = 0.2,
     seed: int = 0,
     progress: Progress | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     num_workers: int = 0,
+    on_collapse: str = "restart",
 ) -> TrainResult:
     """Train (or with ``resume`` continue) model ``name`` of ``project`` for ``epochs`` epochs.
 
     ``config`` may be None when resuming. Epoch numbers and history continue across resumes.
-    ``should_stop`` is polled between batches: an interrupted epoch is discarded and the last
-    complete epoch's checkpoint stays loadable. A PCA model is fitted in one streaming pass.
+    An existing model is replaced only with ``overwrite``. ``should_stop`` is polled between
+    batches: an interrupted epoch is discarded and the last complete epoch's checkpoint stays
+    loadable. A PCA model is fitted in one streaming pass. A model that collapses (gives every
+    crop the same output) is, by ``on_collapse``, retrained from a fresh start at a lower
+    learning rate (``"restart"``), stopped (``"stop"``) or kept with a note (``"warn"``); one
+    that still collapses, or whose loss stops being finite, raises :class:`TrainingError` and
+    does not become the active model.
     """
     check_model_name(name)
+    if on_collapse not in COLLAPSE_ACTIONS:
+        raise InputError(f"on_collapse must be one of {COLLAPSE_ACTIONS}, got {on_collapse!r}")
     folder = project.model_dir(name)
     checkpoint: dict = {}
     if resume:
@@ -358,6 +463,12 @@ def train(
     notes = [split.note] if split.note else []
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
+    if not resume:
+        _claim_name(project, name, overwrite)
+    if config.latent_dim == AUTO:
+        sample = project.read_crops(split.train[sample_rows(len(split.train), 2000, seed)])
+        config = config.with_latent_dim(auto_latent_dim(sample))
+        notes.append(f"latent size {config.latent_dim} chosen from the crops (auto)")
     folder.mkdir(parents=True, exist_ok=True)
     common = dict(
         project=project,
@@ -380,6 +491,7 @@ def train(
                 checkpoint=checkpoint,
                 on_epoch=on_epoch,
                 num_workers=num_workers,
+                on_collapse=on_collapse,
                 **common,
             )
     if result.last is not None:
@@ -404,6 +516,216 @@ def _crop_dict(project: Project) -> dict:
     return crop
 
 
+def passes_per_epoch(batches_per_pass: int, epochs: int, min_steps: int) -> int:
+    """Passes over the training crops per epoch so that ``epochs`` epochs make at least
+    ``min_steps`` optimiser steps (1 for projects large enough)."""
+    return max(1, math.ceil(min_steps / max(1, batches_per_pass * epochs)))
+
+
+def output_spread(network: Network, crops: np.ndarray, device: torch.device) -> float:
+    """How much the reconstructions of ``crops`` differ from each other, as a share of how
+    much the crops do (about 1 for a good model, near 0 for a collapsed one; 1 without
+    spread in the crops)."""
+    spread_in = float(crops.std(axis=0).mean())
+    if len(crops) < 2 or spread_in == 0:
+        return 1.0
+    network.eval()
+    with torch.inference_mode():
+        batch = to_batch(crops, device, uses_channels_last(network, device))
+        out = network.decode(network.encode(batch)).float()[:, 0].cpu().numpy()
+    return float(out.std(axis=0).mean()) / spread_in
+
+
+def collapse_note(network: torch.nn.Module, crops: np.ndarray, device: torch.device) -> str:
+    """A warning when the model gives nearly the same output for every crop (a collapsed
+    autoencoder: its latents then carry no information), else ''."""
+    ratio = output_spread(network, crops, device)
+    if ratio >= COLLAPSE_RATIO:
+        return ""
+    return (
+        f"the model reconstructs every crop almost alike (output spread {ratio:.3f} of the "
+        "crops' spread): its latents will not separate nuclei"
+    )
+
+
+class _Collapsed(Exception):
+    """Raised inside a run whose model collapsed (handled by :func:`_fit_network`)."""
+
+    def __init__(self, epoch: int, note: str):
+        super().__init__(note)
+        self.epoch = epoch
+        self.note = note
+
+
+class TrainingError(NucleaeError):
+    """Training gave no usable model: the loss diverged or the model collapsed."""
+
+
+@dataclass
+class _Run:
+    """One attempt at training a network: its state, loaders and callbacks."""
+
+    project: Project
+    config: ModelConfig
+    name: str
+    split: Split
+    device: torch.device
+    seed: int
+    checkpoint: dict
+    progress: Progress | None
+    on_epoch: Callable[[int, float, float], None] | None
+    should_stop: Callable[[], bool]
+    num_workers: int
+    probe: np.ndarray  # crops whose output spread tells a collapse
+    on_collapse: str = "restart"
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        config, device = self.config, self.device
+        self.network = build_model(config).to(device)
+        if uses_channels_last(self.network, device):
+            self.network.to(memory_format=torch.channels_last)
+        self.train_stream = ChunkStream(
+            self.project, self.split.train, config.batch_size, shuffle=True, seed=self.seed
+        )
+        self.val_stream = ChunkStream(
+            self.project, self.split.val, 2 * config.batch_size, shuffle=False
+        )
+        self.history = _history_frame(self.checkpoint.get("history"))
+
+    def steps(self, epochs: int) -> _Steps:
+        """Optimiser and schedule for ``epochs`` epochs (restored when resuming)."""
+        config = self.config
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr)
+        if self.checkpoint:
+            self.network.load_state_dict(self.checkpoint["state_dict"])
+            optimizer.load_state_dict(self.checkpoint["optimizer"])
+            for group in optimizer.param_groups:  # a resumed run warms up again
+                group["initial_lr"] = config.lr
+        elif isinstance(self.network, Autoencoder) and len(self.probe):
+            self.network.set_output_level(float(self.probe.mean()))
+        total = self.train_stream.n_batches(self.num_workers) * epochs
+        factor = lr_factor(total, config.warmup, config.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        jitter = config.jitter if config.augment else None
+        return _Steps(optimizer, scheduler, _Precision.for_device(self.device), jitter)
+
+    def fit(self, epochs: int) -> bool:
+        """Train for up to ``epochs`` epochs; True when stopped by ``should_stop``."""
+        config = self.config
+        self.train_stream.passes = passes_per_epoch(
+            self.train_stream.n_batches(self.num_workers), epochs, config.min_steps
+        )
+        steps = self.steps(epochs)
+        train_loader = _loader(self.train_stream, self.num_workers, self.device)
+        val_loader = _loader(self.val_stream, self.num_workers, self.device)
+        per_epoch = self.train_stream.n_batches(self.num_workers)
+        first = int(self.checkpoint.get("epoch", 0)) + 1
+        final = first + epochs - 1
+        scored = "val_loss" if len(self.split.val) else "train_loss"
+        best = float(self.history[scored].min()) if len(self.history) else math.inf
+        since_best = 0
+        done = 0
+        message = ""
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if self.progress is not None:
+                self.progress(done, per_epoch * epochs, message)
+
+        for epoch in range(first, final + 1):
+            started = time.perf_counter()
+            self.train_stream.epoch = epoch
+            message = f"epoch {epoch}/{final}"
+            train_loss = _train_epoch(self.network, train_loader, steps, tick, self.should_stop)
+            val_loss = None
+            if train_loss is not None:
+                val_loss = _evaluate(self.network, val_loader, steps.precision, self.should_stop)
+            if val_loss is None:
+                return True
+            self._check(epoch, train_loss, val_loss, done, per_epoch * epochs)
+            score = val_loss if len(self.split.val) else train_loss
+            improved = score < best
+            best, since_best = (score, 0) if improved else (best, since_best + 1)
+            self._save(epoch, train_loss, val_loss, started, steps, improved)
+            if config.patience and since_best >= config.patience:
+                self.notes.append(
+                    f"stopped early at epoch {epoch}: no better validation loss for "
+                    f"{config.patience} epochs"
+                )
+                break
+        final_note = collapse_note(self.network, self.probe, self.device)
+        if final_note and done < MIN_CHECK_STEPS:
+            self.notes.append(f"{final_note}; {done} optimiser steps are too few: train longer")
+        elif final_note and self.on_collapse == "warn":
+            self.notes.append(final_note)
+        elif final_note:
+            raise _Collapsed(int(self.history["epoch"].iloc[-1]), final_note)
+        return False
+
+    def _check(self, epoch: int, train_loss: float, val_loss: float, done: int, total: int) -> None:
+        """Refuse a diverged loss; after a third of the steps (and at least
+        :data:`MIN_CHECK_STEPS`), a collapsed model."""
+        if not (math.isfinite(train_loss) and (math.isfinite(val_loss) or not self.split.val.size)):
+            raise TrainingError(
+                f"training diverged at epoch {epoch} (loss {train_loss}); the model was not "
+                f"kept as the active model. Lower the learning rate (now {self.config.lr:g})"
+            )
+        late = done >= max(MIN_CHECK_STEPS, CHECK_AFTER * total)
+        if self.on_collapse != "warn" and late and self._due(epoch):
+            note = collapse_note(self.network, self.probe, self.device)
+            if note:
+                raise _Collapsed(epoch, note)
+
+    def _due(self, epoch: int) -> bool:
+        """Collapse checks about every :data:`CHECK_EVERY` optimiser steps."""
+        per_epoch = max(1, self.train_stream.n_batches(self.num_workers))
+        return epoch % max(1, CHECK_EVERY // per_epoch) == 0
+
+    def _save(
+        self,
+        epoch: int,
+        train_loss: float,
+        val_loss: float,
+        started: float,
+        steps: _Steps,
+        improved: bool,
+    ) -> None:
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "seconds": time.perf_counter() - started,
+        }
+        self.history = _history_frame({c: [*self.history[c], row[c]] for c in HISTORY_COLUMNS})
+        state = make_checkpoint(
+            self.network,
+            self.config,
+            name=self.name,
+            crop=_crop_dict(self.project),
+            epoch=epoch,
+            history=_history_dict(self.history),
+            optimizer=steps.optimizer.state_dict(),
+            extra={"split": self.split.by},
+        )
+        _write_outputs(
+            self.project.model_dir(self.name),
+            state,
+            self.history,
+            improved=improved,
+            info=_info(self.config, self.project, self.name, self.split, epoch),
+        )
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, train_loss, val_loss)
+
+
+def _probe(project: Project, split: Split, seed: int) -> np.ndarray:
+    """Up to :data:`PROBE_CROPS` held-out crops (training crops without a validation set)."""
+    rows = split.val if len(split.val) >= 2 else split.train
+    return project.read_crops(rows[sample_rows(len(rows), PROBE_CROPS, seed)])
+
+
 def _fit_network(
     *,
     project: Project,
@@ -419,105 +741,56 @@ def _fit_network(
     should_stop: Callable[[], bool],
     num_workers: int,
     notes: list[str],
+    on_collapse: str,
 ) -> TrainResult:
+    """Train; after a collapse restart from scratch at a third of the learning rate (up to
+    :data:`MAX_RESTARTS` times; never a resumed run), stop, or only warn (``on_collapse``)."""
+    probe = _probe(project, split, seed)
     folder = project.model_dir(name)
-    network = build_model(config).to(device)
-    if uses_channels_last(network, device):
-        network.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
-    history = _history_frame(checkpoint.get("history"))
-    if checkpoint:
-        network.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    precision = _Precision.for_device(device)
-    train_stream = ChunkStream(project, split.train, config.batch_size, shuffle=True, seed=seed)
-    val_stream = ChunkStream(project, split.val, 2 * config.batch_size, shuffle=False)
-    train_loader = _loader(train_stream, num_workers, device)
-    val_loader = _loader(val_stream, num_workers, device)
-    first = int(checkpoint.get("epoch", 0)) + 1
-    final = first + epochs - 1
-    per_epoch = train_stream.n_batches(num_workers)
-    done = 0
-    column = "val_loss" if len(split.val) else "train_loss"
-    previous = history[column].min() if len(history) else math.nan
-    best = math.inf if pd.isna(previous) else float(previous)
-    stopped = False
-    message = ""
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, per_epoch * epochs, message)
-
-    for epoch in range(first, final + 1):
-        started = time.perf_counter()
-        train_stream.epoch = epoch
-        message = f"epoch {epoch}/{final}"
-        train_loss = _train_epoch(network, train_loader, optimizer, precision, tick, should_stop)
-        val_loss = None
-        if train_loss is not None:
-            val_loss = _evaluate(network, val_loader, precision, should_stop)
-        if val_loss is None:
-            stopped = True
-            break
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "seconds": time.perf_counter() - started,
-        }
-        history = _history_frame({c: [*history[c], row[c]] for c in HISTORY_COLUMNS})
-        score = val_loss if len(split.val) else train_loss
-        improved = score < best
-        best = min(best, score)
-        state = make_checkpoint(
-            network,
-            config,
+    for attempt in range(MAX_RESTARTS + 1):
+        run = _Run(
+            project=project,
+            config=config,
             name=name,
-            crop=_crop_dict(project),
-            epoch=epoch,
-            history=_history_dict(history),
-            optimizer=optimizer.state_dict(),
-            extra={"split": split.by},
+            split=split,
+            device=device,
+            seed=seed + attempt,
+            checkpoint=checkpoint,
+            progress=progress,
+            on_epoch=on_epoch,
+            should_stop=should_stop,
+            num_workers=num_workers,
+            probe=probe,
+            on_collapse=on_collapse,
         )
-        _write_outputs(
-            folder,
-            state,
-            history,
-            improved=improved,
-            info=_info(config, project, name, split, epoch),
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, train_loss, val_loss)
-    if len(history) and not stopped:
-        rows = split.val if len(split.val) else split.train
-        checked = project.read_crops(rows[sample_rows(len(rows), 256, seed)])
-        note = collapse_note(network, checked, device)
-        if note:
-            notes.append(note)
-            warnings.warn(note, UserWarning, stacklevel=3)
-    return _result(name, folder, history, stopped, split, device, notes)
-
-
-def collapse_note(network: torch.nn.Module, crops: np.ndarray, device: torch.device) -> str:
-    """A warning when the model gives nearly the same output for every crop (a collapsed
-    autoencoder: its latents then carry no information), else ''."""
-    if len(crops) < 2:
-        return ""
-    network.eval()
-    with torch.inference_mode():
-        batch = to_batch(crops, device, uses_channels_last(network, device))
-        out = network.decode(network.encode(batch)).float()[:, 0].cpu().numpy()
-    spread_in = float(crops.std(axis=0).mean())
-    spread_out = float(out.std(axis=0).mean())
-    if spread_in == 0 or spread_out >= COLLAPSE_RATIO * spread_in:
-        return ""
-    return (
-        f"the model reconstructs every crop almost alike (output spread {spread_out:.4f} vs "
-        f"{spread_in:.4f} in the crops): its latents will not separate nuclei. Try smaller "
-        "crops (nuclei should fill a good part of each), fewer blocks, or a lower learning rate."
-    )
+        if run.config.min_steps and not checkpoint:
+            passes = passes_per_epoch(
+                run.train_stream.n_batches(num_workers), epochs, config.min_steps
+            )
+            if passes > 1 and attempt == 0:
+                notes.append(
+                    f"a small project: each epoch makes {passes} passes over the "
+                    f"{len(split.train)} training crops, so that training takes at least "
+                    f"{config.min_steps} optimiser steps"
+                )
+        try:
+            stopped = run.fit(epochs)
+        except _Collapsed as collapsed:
+            message = f"{collapsed.note} (epoch {collapsed.epoch}, learning rate {config.lr:g})"
+            if checkpoint or on_collapse == "stop" or attempt == MAX_RESTARTS:
+                raise TrainingError(
+                    f"{message}; it was not kept as the active model. Try smaller crops "
+                    "(nuclei should fill a good part of each), --arch norm, or a lower --lr"
+                ) from None
+            config = replace(config, lr=config.lr / 3)
+            notes.append(f"{message}: restarted from scratch at learning rate {config.lr:g}")
+            warnings.warn(notes[-1], UserWarning, stacklevel=3)
+            if progress is not None:
+                progress(0, 1, "collapsed: restarting at a lower learning rate")
+            continue
+        notes.extend(run.notes)
+        return _result(name, folder, run.history, stopped, split, device, notes)
+    raise AssertionError("unreachable")
 
 
 def _result(
