@@ -27,8 +27,10 @@ def embedded_folder(tmp_path_factory, blobs):
     for i, crops in enumerate(np.array_split(blobs(240), 4)):
         table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(1, len(crops) + 1)})
         project.append({"image_id": f"img{i}"}, crops, table)
-    config = ModelConfig("ae", 32, n_blocks=2, base_filters=8, latent_dim=8, batch_size=32)
-    train(project, config, 2, name="ae")
+    config = ModelConfig(
+        "ae", 32, n_blocks=2, base_filters=8, latent_dim=8, batch_size=32, min_steps=0
+    )
+    train(project, config, 2, name="ae", on_collapse="warn")  # the report, not training
     embed(project, "ae")
     return path
 
@@ -84,14 +86,28 @@ def test_report_folder_links_every_figure_and_stores_the_analysis(written):
     record = json.loads((folder / "report.json").read_text())
     assert record["crops"] == 240 and record["model"] == "ae"
     table = embedded.table()
-    assert {"PC_0", "PC_1", "cluster", "outlier"} <= set(table.columns)
-    assert (table["outlier"] == "high").sum() == round(240 * FAST.outlier_pct / 100)
+    assert {"PC_0", "PC_1", "report_cluster", "report_outlier"} <= set(table.columns)
+    assert (table["report_outlier"] == "high").sum() == round(240 * FAST.outlier_pct / 100)
+    assert not {"cluster", "outlier"} & set(table.columns)  # the user's columns stay theirs
+
+
+def test_the_report_keeps_a_clustering_the_user_made(embedded, tmp_path):
+    mine = pd.Categorical(np.arange(len(embedded)) % 5)  # e.g. HDBSCAN from the explorer
+    embedded.write_features(pd.DataFrame({"cluster": mine, "outlier": mine}))
+    write_report(embedded, tmp_path / "report", options=FAST)
+    table = Project.open(embedded.path).table()
+    assert (table["cluster"] == mine).all() and (table["outlier"] == mine).all()
+    assert table["report_cluster"].nunique() == FAST.n_clusters
+    stored = ReportOptions(projection="pca", n_clusters=2, top_k=2, steps=3, store_columns=True)
+    write_report(embedded, tmp_path / "again", options=stored)
+    table = Project.open(embedded.path).table()
+    assert table["cluster"].nunique() == 2 and set(table["outlier"]) <= {"low", "normal", "high"}
 
 
 def test_per_cluster_representatives_belong_to_their_cluster(written):
     embedded, folder, _ = written
     chosen = pd.read_csv(folder / "representatives_per_cluster" / "representatives.csv")
-    clusters = embedded.table()["cluster"].astype(str).to_numpy()
+    clusters = embedded.table()["report_cluster"].astype(str).to_numpy()
     assert sorted(chosen["group"].astype(str).unique()) == sorted(set(clusters))
     assert (clusters[chosen["crop_index"]] == chosen["group"].astype(str)).all()
     assert chosen["stability"].between(0, 1).all()
@@ -106,8 +122,8 @@ def test_interpolation_joins_the_two_most_distant_clusters(written):
     chosen = pd.read_csv(folder / "representatives_per_cluster" / "representatives.csv")
     table = embedded.table()
     latents = np.asarray(read_latents(embedded, "ae"))
-    groups = sorted(table["cluster"].astype(str).unique())
-    in_group = [table["cluster"].astype(str).to_numpy() == g for g in groups]
+    groups = sorted(table["report_cluster"].astype(str).unique())
+    in_group = [table["report_cluster"].astype(str).to_numpy() == g for g in groups]
     centres = np.stack([geometric_median(latents[m]) for m in in_group])
     gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
     far = {groups[i] for i in np.unravel_index(np.argmax(gaps), gaps.shape)}
@@ -160,7 +176,7 @@ def test_cli_report_prints_where_the_index_is(embedded, tmp_path, capsys):
     assert main([*argv, "--clusters", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"report: {(out / 'index.html').resolve()}" in printed
-    assert np.unique(Project.open(embedded.path).table()["cluster"]).size == 2
+    assert np.unique(Project.open(embedded.path).table()["report_cluster"]).size == 2
 
 
 def test_an_unwritable_report_folder_is_a_clear_error(embedded, tmp_path, monkeypatch, capsys):

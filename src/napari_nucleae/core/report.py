@@ -2,7 +2,10 @@
 
 :func:`write_report` runs the analysis steps on a project with embedded crops (projection,
 clusters, outliers, representatives, interpolation), stores their per-crop results as project
-features like the CLI does, and draws each result with matplotlib (no GUI backend). The
+features and draws each result with matplotlib (no GUI backend). Its clusters and outlier
+flags are stored as ``report_cluster`` and ``report_outlier``, so a clustering or flags the
+user made (e.g. HDBSCAN in the Latent explorer) are never replaced, unless
+``ReportOptions.store_columns`` asks to store them as ``cluster`` and ``outlier``. The
 folder is built beside its target and moved in at the end, so a failed run leaves no half
 report; a previous report in the target folder is replaced, any other non-empty folder is
 refused; a folder that cannot be written gives an :class:`ExportWriteError`.
@@ -34,6 +37,7 @@ from .store import Project
 
 MARKER = "report.json"
 PLOT_POINTS = 50_000
+REPORT_PREFIX = "report_"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,11 @@ class ReportOptions:
     steps: int = 8
     histogram_dims: int = 16
     seed: int = 0
+    store_columns: bool = False  # True: store as the user's "cluster" / "outlier" columns
+
+    def column(self, name: str) -> str:
+        """The project column the report stores ``name`` ("cluster", "outlier") in."""
+        return name if self.store_columns else f"{REPORT_PREFIX}{name}"
 
 
 @dataclass
@@ -198,8 +207,14 @@ def projection_section(run: _Run) -> Section:
         project, opts.projection, metric=opts.metric, model=run.model.name, seed=opts.seed
     )
     n_clusters = max(1, min(opts.n_clusters, len(run.latents)))
+    cluster = opts.column("cluster")
     analysis.compute_clusters(
-        project, n_clusters=n_clusters, metric=opts.metric, model=run.model.name, seed=opts.seed
+        project,
+        n_clusters=n_clusters,
+        metric=opts.metric,
+        model=run.model.name,
+        seed=opts.seed,
+        column=cluster,
     )
     table = project.table()
     shown = sample_rows(len(table), PLOT_POINTS, opts.seed)
@@ -211,9 +226,9 @@ def projection_section(run: _Run) -> Section:
     norm = LogNorm(positive.min(), positive.max()) if len(positive) > 1 else None
     points = by_mse.scatter(x, y, c=np.maximum(mse, 1e-12), s=6, cmap="viridis", norm=norm)
     fig.colorbar(points, ax=by_mse, label="reconstruction MSE")
-    clusters = table["cluster"].cat.codes.to_numpy()[shown]
+    clusters = table[cluster].cat.codes.to_numpy()[shown]
     by_cluster.scatter(x, y, c=clusters, s=6, cmap="tab10", vmin=0, vmax=9)
-    for code, name in enumerate(table["cluster"].cat.categories):
+    for code, name in enumerate(table[cluster].cat.categories):
         members = clusters == code
         if members.any():
             by_cluster.annotate(
@@ -226,8 +241,8 @@ def projection_section(run: _Run) -> Section:
     return Section(
         "Latent map",
         f"{opts.projection.upper()} of the latents ({opts.metric}){sampled}. Columns "
-        f"{', '.join(columns.columns)} and 'cluster' ({n_clusters} k-means clusters) are stored "
-        "in the project, so the napari Latent explorer shows the same map.",
+        f"{', '.join(columns.columns)} and '{cluster}' ({n_clusters} k-means clusters) are "
+        "stored in the project, so the napari Latent explorer shows the same map.",
         "projection.png",
     )
 
@@ -235,7 +250,8 @@ def projection_section(run: _Run) -> Section:
 def outlier_section(run: _Run) -> Section:
     """MSE distribution with both flagged tails, and galleries of each tail."""
     opts, project = run.options, run.project
-    flags = analysis.flag_outliers(project, opts.outlier_pct, opts.outlier_pct)
+    column = opts.column("outlier")
+    flags = analysis.flag_outliers(project, opts.outlier_pct, opts.outlier_pct, column=column)
     mse = project.table()["mse"].to_numpy()
     fig = Figure(figsize=(5, 3), layout="constrained")
     ax = fig.subplots()
@@ -261,7 +277,7 @@ def outlier_section(run: _Run) -> Section:
         f"ones the model reconstructs worst: unusual nuclei, debris or segmentation mistakes; "
         f"the {opts.outlier_pct:g} % lowest ({counts.get('low', 0)}, blue) are the most typical. "
         f"Galleries show the {opts.gallery} most extreme of each tail (crop index and MSE) "
-        "above their reconstructions. The flags are stored as the 'outlier' column.",
+        f"above their reconstructions. The flags are stored as the '{column}' column.",
         "mse.png",
         ["outliers.png"],
     )
@@ -302,7 +318,7 @@ def cluster_section(run: _Run) -> Section:
         centers=("geomedian",),
         metrics=("euclidean",),
         k=run.options.top_k,
-        by="cluster",
+        by=run.options.column("cluster"),
         model=run.model,
         stability=True,
         pixel_baseline=False,

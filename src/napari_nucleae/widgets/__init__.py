@@ -1,1 +1,6 @@
-"""Dock widgets: thin front ends that move data between napari layers and ``core``."""
+"""The napari dock widgets. Importing them keeps triton out of a software-OpenGL session
+(see :mod:`._triton`)."""
+
+from ._triton import guard_triton
+
+guard_triton()

@@ -10,7 +10,7 @@ import numpy as np
 from magicgui.widgets import Container, FileEdit, Label
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QProgressBar, QSizePolicy
+from qtpy.QtWidgets import QProgressBar, QSizePolicy, QWidget
 
 from ..core.errors import NucleaeError
 from ..core.store import Project
@@ -40,10 +40,17 @@ class StatusLabel(Label):
         super().__init__(value=value)
         label = self.native
         label.setWordWrap(True)
-        label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        never_widen(label)
         label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         label.setToolTip(value)
         self.changed.connect(lambda text: label.setToolTip(str(text)))
+
+
+def never_widen(*widgets: QWidget) -> None:
+    """Let a dock be narrower than these widgets would like (folder fields, plots, status
+    lines); they still get all the width the dock has."""
+    for widget in widgets:
+        widget.setSizePolicy(QSizePolicy.Policy.Ignored, widget.sizePolicy().verticalPolicy())
 
 
 def bind_project(container: Container, session: Session, on_change: Callable[[], None]) -> FileEdit:
@@ -53,6 +60,7 @@ def bind_project(container: Container, session: Session, on_change: Callable[[],
     ``on_change`` runs whenever the project or its table changed (in any widget).
     """
     field = FileEdit(mode="d", label="project folder", value=str(session.path or ""))
+    never_widen(field.native)
 
     def chosen(value) -> None:
         folder = folder_of(field)

@@ -35,6 +35,7 @@ from ._common import (
     add_progress,
     bind_project,
     follow_picks,
+    never_widen,
     require_project,
     show_result,
 )
@@ -339,8 +340,9 @@ class ExplorerWidget(Container):
         self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
         self.parallel = CheckBox(
             value=False,
-            text="UMAP / t-SNE on all cores (faster, not reproducible)",
-            tooltip="seeded, UMAP and t-SNE run on one core; unseeded they use every core",
+            text="use all cores",
+            tooltip="UMAP / t-SNE on all cores: faster, not reproducible (seeded, they run on "
+            "one core)",
         )
         self.cluster_method = ComboBox(
             choices=list(CLUSTERINGS),
@@ -384,6 +386,7 @@ class ExplorerWidget(Container):
         )
         self.plot = LatentPlot()
         self.native.layout().addWidget(self.plot)
+        never_widen(self.plot)
         self.jobs = add_progress(self)
         self.jobs.bind([self.compute_button, self.thumbnails_button], self.cancel_button)
         self.table: pd.DataFrame | None = None

@@ -15,7 +15,15 @@ from ..core.analysis import flag_outliers
 from ..core.errors import NucleaeError
 from ..core.explore import outlier_flags, rank_outliers
 from ..core.store import Project
-from ._common import StatusLabel, bind_project, montage, remove_result, require_project, show_result
+from ._common import (
+    StatusLabel,
+    bind_project,
+    montage,
+    never_widen,
+    remove_result,
+    require_project,
+    show_result,
+)
 from ._nuclei import Highlighter
 from ._session import Session
 from ._settings import remember
@@ -80,6 +88,7 @@ class OutliersWidget(Container):
         )
         self.histogram = MseHistogram()
         self.native.layout().addWidget(self.histogram)
+        never_widen(self.histogram)
         self.table: pd.DataFrame | None = None
         self.flags: pd.Categorical | None = None
         self.highlight = Highlighter(viewer, "outliers")

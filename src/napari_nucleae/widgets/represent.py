@@ -24,6 +24,7 @@ from ._common import (
     bind_project,
     folder_of,
     montage,
+    never_widen,
     require_project,
     show_result,
 )
@@ -115,12 +116,14 @@ class RepresentWidget(Container):
             tooltip="all crops, or per group of a column",
         )
         self.k = SpinBox(value=5, min=1, max=100, label="top k")
-        self.stability = CheckBox(value=False, text="stability (bootstrap, slower)")
+        self.stability = CheckBox(
+            value=False, text="stability", tooltip="bootstrap stability of the top k (slower)"
+        )
         self.find_button = PushButton(text="Find representatives")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.export_folder = FileEdit(mode="d", label="export to")
         self.export_button = PushButton(text="Export", enabled=False)
-        self.overwrite = CheckBox(value=False, text="overwrite files in that folder")
+        self.overwrite = CheckBox(value=False, text="overwrite files there")
         self.status = StatusLabel()
         self.extend(
             [
@@ -141,6 +144,7 @@ class RepresentWidget(Container):
                 self.status,
             ]
         )
+        never_widen(self.export_folder.native)
         self.jobs = add_progress(self)
         self.jobs.bind([self.find_button], self.cancel_button)
         self.found: Found | None = None

@@ -26,7 +26,7 @@ from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_image
 from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
-from ._common import StatusLabel, add_progress, folder_of
+from ._common import StatusLabel, add_progress, folder_of, never_widen
 from ._jobs import user_message
 from ._session import Session, follow
 from ._settings import remember
@@ -145,8 +145,12 @@ class SegmentWidget(Container):
         self.gpu = ComboBox(choices=list(GPU_CHOICES), value="auto", label="GPU")
         self.crop_size = SpinBox(value=64, min=16, max=512, step=8, label="crop size")
         self.mask = CheckBox(value=True, text="mask background")
-        self.skip_border = CheckBox(value=True, text="skip nuclei touching the border")
-        self.rescale = CheckBox(value=True, text="shrink nuclei larger than the crop")
+        self.skip_border = CheckBox(
+            value=True, text="skip border nuclei", tooltip="skip nuclei touching the border"
+        )
+        self.rescale = CheckBox(
+            value=True, text="shrink large nuclei", tooltip="shrink nuclei larger than the crop"
+        )
         self.align = CheckBox(value=False, text="align major axis")
         self.normalize = ComboBox(
             choices=("image", "crop", "none"), value="image", label="normalise"
@@ -181,6 +185,7 @@ class SegmentWidget(Container):
                 self.status,
             ]
         )
+        never_widen(self.model_file.native, self.project.native)
         self.jobs = add_progress(self)
         self.jobs.bind([self.run_button], self.cancel_button)
         self.model.changed.connect(

@@ -37,7 +37,7 @@ from ..core.model import (
     select_device,
 )
 from ..core.train import TrainResult, train
-from ._common import StatusLabel, add_progress, bind_project, require_project
+from ._common import StatusLabel, add_progress, bind_project, never_widen, require_project
 from ._session import Session, follow
 from ._settings import remember
 
@@ -56,7 +56,7 @@ LABELS = {
     "warmup": "warm-up (fraction of steps)",
     "min_steps": "at least this many steps",
     "patience": "patience (epochs, 0: none)",
-    "augment": "augment (flips, rotations, intensity)",
+    "augment": "augment training crops",
     "jitter": "intensity jitter (fraction)",
 }
 
@@ -151,7 +151,7 @@ class TrainWidget(Container):
             setattr(self, name, widget)
         self.all_settings = CheckBox(value=False, text="all settings")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
-        self.resume = CheckBox(value=False, text="resume this model's training")
+        self.resume = CheckBox(value=False, text="resume training")
         self.start_button = PushButton(text="Start training")
         self.stop_button = PushButton(text="Stop")
         self.checkpoint = FileEdit(mode="r", label="checkpoint", filter="*.pt")
@@ -180,6 +180,7 @@ class TrainWidget(Container):
         )
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot)
+        never_widen(self.plot, self.checkpoint.native)
         self.jobs = add_progress(self)
         self.jobs.bind([self.start_button, self.load_button, self.embed_button], self.stop_button)
         self.jobs.epoch_ended.connect(self.plot.add)
