@@ -386,3 +386,19 @@ def test_a_reader_thread_during_appends_sees_committed_rows_only(tmp_path):
     assert not problems
     assert {10, 20, 30, 40} <= seen
     assert_same_project(Project.open(path), filled(tmp_path / "clean", 40))
+
+
+@pytest.mark.parametrize("damage", ["lost", "damaged"])
+def test_an_append_never_rewrites_a_lost_or_damaged_chunk_as_zeros(tmp_path, damage):
+    project = filled(tmp_path / "p", 30)
+    step = project.crops.chunks[0]
+    assert len(project) % step  # the last chunk is shared with the next append
+    chunk = project.path / "crops.zarr" / "c" / str(len(project) // step) / "0" / "0"
+    if damage == "lost":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:-9])
+    before = files_of(project.path)
+    with pytest.raises(ProjectError, match=f"{chunk} is (missing|corrupted)"):
+        project.append({"image_id": "new"}, *batch(1000))
+    assert files_of(project.path) == before

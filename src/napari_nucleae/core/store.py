@@ -325,42 +325,33 @@ class Project:
             problem = self._read_committed()
             if problem is None:
                 return
-        raise ProjectError(f"{problem}; nothing was changed. Restore the file from a backup")
+        raise ProjectError(f"{problem}; nothing was changed. Restore it from a backup")
 
     def _read_committed(self) -> str | None:
-        """Take the committed parts; a problem an append under way might explain, or None."""
+        """Take the committed parts, or say what is wrong with them (None when nothing)."""
         parts = self._part_names("crops.parquet")
         expected = [_part_name(i) for i in range(len(parts))]
         if parts != expected:
             missing = next(e for e, p in zip(expected, parts, strict=True) if e != p)
-            raise ProjectError(
-                f"{self.path / 'crops.parquet' / missing} is missing (a crop table part); "
-                "nothing was changed. Restore it from a backup"
-            )
+            return f"{self.path / 'crops.parquet' / missing} is missing (a crop table part)"
         images = set(self._part_names("images.parquet"))
-        for name in parts:
-            if name not in images:
-                raise ProjectError(
-                    f"{self.path / 'images.parquet' / name} is missing (an image table part); "
-                    "nothing was changed. Restore it from a backup"
-                )
+        lost = next((name for name in parts if name not in images), None)
+        if lost is not None:
+            return f"{self.path / 'images.parquet' / lost} is missing (an image table part)"
         n_rows = self._count_rows(parts)
         stored = int(self.crops.shape[0])
         if stored < n_rows:
-            raise ProjectError(
-                f"{self.path} is corrupted: the table lists {n_rows} crops but crops.zarr holds "
-                f"{stored}; nothing was changed. Restore crops.zarr from a backup"
-            )
+            return f"{self.path / 'crops.zarr'} holds {stored} crops but the table lists {n_rows}"
         extra = sorted(images - set(parts))
         if (extra or stored > n_rows) and not (self.path / ".append.pending").exists():
             if extra:
                 return (
-                    f"{self.path / 'crops.parquet' / extra[0]} is missing: "
-                    f"images.parquet/{extra[0]} records an image whose crop table is gone"
+                    f"{self.path / 'crops.parquet' / extra[0]} is missing: images.parquet/"
+                    f"{extra[0]} records an image whose crop table is gone"
                 )
             return (
-                f"crops.zarr holds {stored} crops but the table lists {n_rows}: the last "
-                "crops.parquet and images.parquet parts are missing"
+                f"{self.path / 'crops.zarr'} holds {stored} crops but the table lists only "
+                f"{n_rows}: the last crops.parquet and images.parquet parts are missing"
             )
         self._committed, self._n_rows, self._table_cache = parts, n_rows, None
         return None
@@ -571,12 +562,14 @@ class Project:
         size, parts = self.crop_size, self._committed_parts()
         start, stop = len(self), len(self) + len(crops)
         part = _part_name(len(parts))
-        pending = self._inside(".append.pending")
-        atomic_write_bytes(pending, part.encode())
         arr = zarr.open_array(
             str(self._inside("crops.zarr")), mode="r+", config={"write_empty_chunks": True}
         )
         self._inside("crops.zarr", "c")  # where the chunks go: refused if it leads out
+        shared = range(start - start % arr.chunks[0], start)  # committed rows in the first chunk
+        self._read(arr, shared, lambda: arr[shared.start : shared.stop])  # rewritten: must be sound
+        pending = self._inside(".append.pending")
+        atomic_write_bytes(pending, part.encode())
         if arr.shape[0] != stop:
             arr.resize((stop, size, size))
         if len(crops):
