@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from _report import report
 from napari_nucleae.core.embed import embed
-from napari_nucleae.core.model import ModelConfig, build_model, select_device
+from napari_nucleae.core.model import LEGACY_SETTINGS, ModelConfig, build_model, select_device
 from napari_nucleae.core.store import CropParams, Project, from_storage
 from napari_nucleae.core.train import train
 
@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/autoencoder.json"))
     args = parser.parse_args()
     device = select_device(args.device)
-    config = ModelConfig("ae", args.size)
+    # the seed's network and recipe (throughput, not learning: see bench_latent_quality.py)
+    config = ModelConfig("ae", args.size, **{**LEGACY_SETTINGS, "latent_dim": 512, "n_blocks": 4})
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "project", args.n, args.size)
         warm_up(config, device)

@@ -58,8 +58,16 @@ def build_project(path: Path, n: int, size: int) -> Project:
 def train_model(path: Path, size: int, filters: int) -> Path:
     """Train the benchmark network for one epoch on a small project; its checkpoint folder."""
     project = build_project(path, MODEL_CROPS, size)
-    config = ModelConfig("ae", crop_size=size, base_filters=filters)
-    train(project, config, 1, name="bench", val_fraction=0.0, device="cpu")
+    config = ModelConfig(
+        "ae",
+        crop_size=size,
+        base_filters=filters,
+        arch="reference",
+        n_blocks=4,
+        latent_dim=512,
+        min_steps=0,
+    )
+    train(project, config, 1, name="bench", val_fraction=0.0, device="cpu", on_collapse="warn")
     return project.model_dir("bench")
 
 

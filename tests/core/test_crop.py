@@ -4,7 +4,14 @@ import pytest
 from skimage.draw import ellipse
 from skimage.measure import regionprops_table
 
-from napari_nucleae.core.crop import crop_nuclei, gather_windows, measure_plane, plane_percentiles
+from napari_nucleae.core.crop import (
+    crop_nuclei,
+    crop_size_note,
+    gather_windows,
+    measure_plane,
+    plane_percentiles,
+    suggest_crop_size,
+)
 from napari_nucleae.core.errors import InputError, NoNucleiError
 from napari_nucleae.core.store import CropParams
 
@@ -148,3 +155,15 @@ def test_windows_near_the_border_read_zero_outside():
         np.testing.assert_array_equal(window, padded[r : r + 4, c : c + 4])
     tiny = gather_windows(plane[:3, :3], np.array([[-1, -1]]), 5)  # a plane smaller than a crop
     np.testing.assert_array_equal(tiny[0], np.pad(plane[:3, :3], ((1, 1), (1, 1))))
+
+
+def test_crop_size_suggestion_lets_the_measured_nuclei_fill_the_crop(synthetic):
+    image, labels = synthetic  # nuclei 12-22 px across
+    table = crop_nuclei(image, labels, CropParams(size=64)).table
+    assert suggest_crop_size(table) == 32
+    note = crop_size_note(table, 64)
+    assert "a crop size of 32 would let them fill the crop (this project uses 64)" in note
+    assert crop_size_note(table, 32) is None and crop_size_note(table, 48) is None
+    big = table.assign(bbox_y1=table["bbox_y0"] + 150)
+    assert suggest_crop_size(big) == 192 and "uses 64" in crop_size_note(big, 64)
+    assert suggest_crop_size(table.iloc[:0]) is None

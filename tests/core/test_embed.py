@@ -14,7 +14,7 @@ from napari_nucleae.core.model import CheckpointError, ModelConfig, load_model
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.core.train import train
 
-SMALL = {"n_blocks": 2, "base_filters": 8, "latent_dim": 16, "batch_size": 32}
+SMALL = {"n_blocks": 2, "base_filters": 8, "latent_dim": 16, "batch_size": 32, "min_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def trained_folder(tmp_path_factory, blobs):
     for i, crops in enumerate(np.array_split(blobs(150), 3)):
         table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(len(crops))})
         project.append({"image_id": f"img{i}"}, crops, table)
-    train(project, ModelConfig("ae", 32, **SMALL), 1, name="ae")
+    train(project, ModelConfig("ae", 32, **SMALL), 1, name="ae", on_collapse="warn")
     return path
 
 
