@@ -50,8 +50,8 @@ def test_percentiles_flag_the_right_rows_and_show_them(
     assert top.data.shape[1] == min(8, n_high) * 34 - 2
     bottom = viewer.layers["MSE gallery: lowest"]
     assert bottom.metadata["crop_index"] == order[:n_low].tolist()
-    assert bottom.translate[0] == top.translate[0]  # beside the highest, top-aligned
-    assert bottom.translate[1] >= top.translate[1] + top.data.shape[1]
+    assert bottom.translate[1] == top.translate[1]  # under the highest, left-aligned
+    assert bottom.translate[0] >= top.translate[0] + top.data.shape[0]
 
     widget.low.value = 0.0
     widget.flag_button.clicked.emit()

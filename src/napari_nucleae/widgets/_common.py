@@ -10,7 +10,7 @@ import numpy as np
 from magicgui.widgets import Container, FileEdit, Label
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QProgressBar, QSizePolicy, QWidget
+from qtpy.QtWidgets import QProgressBar, QScrollArea, QSizePolicy, QWidget
 
 from ..core.errors import NucleaeError
 from ..core.store import Project
@@ -20,8 +20,9 @@ from ._session import Session, follow
 
 RESULT_KEY = "nucleae_result"
 TITLES = "result titles"  # the Points layer whose text names each result layer
-GAP = 16  # world pixels between the data and the results, and between results
-# result kinds (one layer each, replaced when shown again), left to right beside the data
+GAP = 16  # world pixels between the data and the results
+TITLE_SPACE = 40  # world pixels above each result for its title
+# result kinds (one layer each, replaced when shown again), top to bottom beside the data
 RESULTS = (
     "thumbnail map",
     "theoretical images",
@@ -31,6 +32,26 @@ RESULTS = (
     "interpolation",
     "similar nuclei",
 )
+
+
+class Dock(Container):
+    """The container of a dock widget: its fields scroll, and nothing widens it.
+
+    napari docks a magicgui widget's ``native``; for a scrollable container magicgui's
+    ``native`` is the widget inside the scroll area, so the scroll area would be lost. Here
+    ``native`` is the scroll area itself and ``inner`` the widget holding the layout.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(scrollable=True)
+
+    @property
+    def native(self) -> QScrollArea:
+        return self.root_native_widget
+
+    @property
+    def inner(self) -> QWidget:
+        return self.root_native_widget.widget()
 
 
 class StatusLabel(Label):
@@ -53,14 +74,21 @@ def never_widen(*widgets: QWidget) -> None:
         widget.setSizePolicy(QSizePolicy.Policy.Ignored, widget.sizePolicy().verticalPolicy())
 
 
+def compact(field: FileEdit) -> FileEdit:
+    """A file or folder field whose path gets the room: a short "…" button, never widening."""
+    field.choose_btn.text = "…"
+    field.choose_btn.tooltip = "choose in a dialog"
+    never_widen(field.native)
+    return field
+
+
 def bind_project(container: Container, session: Session, on_change: Callable[[], None]) -> FileEdit:
     """A project-folder field that follows the session both ways.
 
     The session's project fills it in; a folder chosen in it becomes the session's project.
     ``on_change`` runs whenever the project or its table changed (in any widget).
     """
-    field = FileEdit(mode="d", label="project folder", value=str(session.path or ""))
-    never_widen(field.native)
+    field = compact(FileEdit(mode="d", label="project folder", value=str(session.path or "")))
 
     def chosen(value) -> None:
         folder = folder_of(field)
@@ -100,11 +128,11 @@ def derived_columns(project: Project) -> list[str]:
     return list(project.features().columns)
 
 
-def add_progress(container: Container) -> JobRunner:
+def add_progress(container: Dock) -> JobRunner:
     """A hidden progress bar at the bottom of ``container`` and its job runner."""
     bar = QProgressBar()
     bar.setVisible(False)
-    container.native.layout().addWidget(bar)
+    container.inner.layout().addWidget(bar)
     return JobRunner(bar)
 
 
@@ -144,7 +172,7 @@ def show_result(
     crops: list[int] | None = None,
 ) -> napari.layers.Image:
     """Show a 2-D result image as the layer ``kind`` (one of :data:`RESULTS`), replacing the
-    previous one, then lay the results out side by side right of the data, each titled.
+    previous one, then lay the results out in a column right of the data, each titled.
 
     Grey colormap, contrast 0–1; ``crops`` (the project rows shown, in order) goes to the
     layer metadata; the active layer stays active.
@@ -174,20 +202,20 @@ def remove_result(viewer: napari.viewer.Viewer, kind: str) -> None:
 
 
 def arrange_results(viewer: napari.viewer.Viewer) -> None:
-    """Place the result layers left to right, top-aligned, right of every other layer, and
-    write their titles above them."""
+    """Stack the result layers in one column right of every other layer, in :data:`RESULTS`
+    order, each under its title (titles never overlap a neighbour's)."""
     data = [layer.extent.world for layer in viewer.layers if not is_result(layer)]
-    top = min((e[0][-2] for e in data), default=0.0)
+    y = min((e[0][-2] for e in data), default=0.0) + TITLE_SPACE
     x = max((e[1][-1] for e in data), default=-GAP) + GAP
     positions, titles = [], []
     for kind in RESULTS:
         if kind not in viewer.layers:
             continue
         layer = viewer.layers[kind]
-        layer.translate = (top, x)
-        positions.append((top, x))
+        layer.translate = (y, x)
+        positions.append((y - 0.9 * TITLE_SPACE, x))  # the text hangs below this point
         titles.append(layer.metadata.get("title", kind))
-        x += layer.data.shape[-1] + GAP
+        y += layer.data.shape[-2] + TITLE_SPACE
     _show_titles(viewer, np.array(positions).reshape(-1, 2), titles)
 
 

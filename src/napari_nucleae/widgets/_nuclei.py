@@ -6,13 +6,14 @@ nuclei" or a Points layer made by the project reader. Its ``metadata["nucleae"][
 names the image and its features have a ``label`` column. Project rows map to
 (image_id, label) through the project table, so every image of a project can be linked.
 
-Highlights go to separate layers (one per source layer and purpose), so the user's own label
-colours are untouched. A Labels highlight is an 8-bit image of colour codes (0: not
-highlighted, k: the k-th colour) made from the source labels through a lookup table, with a
-colormap of those few codes. This costs one gather over the pixels per update, whatever the
-size of the selection; a colormap listing every selected label instead costs per label in
-napari (colour validation, and a Python loop over 65,536 entries for 16-bit labels) and
-still remaps every pixel on the CPU for 32-bit labels — see benchmarks/bench_selection.py.
+Highlights go to separate layers (one per source layer and purpose), drawn as outlines, so
+the user's own label colours are untouched and never confused with them. A Labels highlight
+is an 8-bit image of colour codes (0: not highlighted, k: the k-th colour) made from the
+source labels through a lookup table, with a colormap of those few codes. This costs one
+gather over the pixels per update, whatever the size of the selection; a colormap listing
+every selected label instead costs per label in napari (colour validation, and a Python loop
+over 65,536 entries for 16-bit labels) and still remaps every pixel on the CPU for 32-bit
+labels — see benchmarks/bench_selection.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..core.analysis import LAYER_KEY, code_names, layer_column
 KEY = LAYER_KEY
 HIGHLIGHT_KEY = "nucleae_highlight"
 TRANSPARENT = np.zeros(4)
+CONTOUR = 2  # highlight outline width (pixels)
 SourceLayer = napari.layers.Labels | napari.layers.Points
 
 
@@ -225,6 +227,7 @@ class Highlighter:
             layer = self.viewer.add_labels(
                 np.zeros(np.shape(source.data), dtype=np.uint8), blending="translucent", **common
             )
+            layer.contour = CONTOUR  # outlines: never mistaken for a label's colour
         else:
             layer = self.viewer.add_points(
                 np.empty((0, source.ndim)), face_color="transparent", border_width=0.2, **common

@@ -7,11 +7,12 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import ComboBox, Container, PushButton, SpinBox, create_widget
+from magicgui.widgets import ComboBox, PushButton, SpinBox, create_widget
 
 from ..core.analysis import interpolate_crops, query_crop, search_similar
 from ..core.explore import METRICS
 from ._common import (
+    Dock,
     StatusLabel,
     add_progress,
     bind_project,
@@ -56,12 +57,12 @@ def interpolation(
     return interpolate_crops(session.project, a, b, steps, session.loaded_model())
 
 
-class ExploreWidget(Container):
+class ExploreWidget(Dock):
     """Latent interpolation between two nuclei and reverse search from one (both quick, so
     neither offers a Cancel)."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, lambda: None)

@@ -15,7 +15,7 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
@@ -31,6 +31,7 @@ from ..core.explore import METRICS, sample_rows
 from ..core.project import PREFIXES, projection_columns
 from ..core.store import Project
 from ._common import (
+    Dock,
     StatusLabel,
     add_progress,
     bind_project,
@@ -326,11 +327,11 @@ class LatentPlot(FigureCanvasQTAgg):
 
 
 # ---------------------------------------------------------------------------- the widget
-class ExplorerWidget(Container):
+class ExplorerWidget(Dock):
     """Compute a 2-D map of the latents and explore it linked with the image layers."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, self.load)
@@ -385,7 +386,7 @@ class ExplorerWidget(Container):
             ]
         )
         self.plot = LatentPlot()
-        self.native.layout().addWidget(self.plot)
+        self.inner.layout().addWidget(self.plot)
         never_widen(self.plot)
         self.jobs = add_progress(self)
         self.jobs.bind([self.compute_button, self.thumbnails_button], self.cancel_button)

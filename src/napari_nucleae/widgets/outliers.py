@@ -6,7 +6,7 @@ from __future__ import annotations
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import Container, FloatSlider, PushButton, SpinBox
+from magicgui.widgets import FloatSlider, PushButton, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
@@ -16,6 +16,7 @@ from ..core.errors import NucleaeError
 from ..core.explore import outlier_flags, rank_outliers
 from ..core.store import Project
 from ._common import (
+    Dock,
     StatusLabel,
     bind_project,
     montage,
@@ -70,11 +71,11 @@ class MseHistogram(FigureCanvasQTAgg):
         self.draw_idle()
 
 
-class OutliersWidget(Container):
+class OutliersWidget(Dock):
     """Flag the crops a model reconstructs worst (and best), and show where they are."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, self.load)
@@ -87,7 +88,7 @@ class OutliersWidget(Container):
             [self.project, self.low, self.high, self.gallery_size, self.flag_button, self.status]
         )
         self.histogram = MseHistogram()
-        self.native.layout().addWidget(self.histogram)
+        self.inner.layout().addWidget(self.histogram)
         never_widen(self.histogram)
         self.table: pd.DataFrame | None = None
         self.flags: pd.Categorical | None = None

@@ -19,12 +19,13 @@ from ..core.explore import METRICS
 from ..core.represent import CENTERS
 from ..core.store import Project
 from ._common import (
+    Dock,
     StatusLabel,
     add_progress,
     bind_project,
+    compact,
     folder_of,
     montage,
-    never_widen,
     require_project,
     show_result,
 )
@@ -98,11 +99,11 @@ def practical_grid(table: pd.DataFrame, crops: np.ndarray, k: int) -> tuple[np.n
     return grid, groups
 
 
-class RepresentWidget(Container):
+class RepresentWidget(Dock):
     """Find objective representative nuclei and export them."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, self.load)
@@ -144,7 +145,7 @@ class RepresentWidget(Container):
                 self.status,
             ]
         )
-        never_widen(self.export_folder.native)
+        compact(self.export_folder)
         self.jobs = add_progress(self)
         self.jobs.bind([self.find_button], self.cancel_button)
         self.found: Found | None = None

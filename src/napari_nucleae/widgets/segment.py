@@ -12,7 +12,6 @@ import pandas as pd
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     PushButton,
@@ -26,7 +25,7 @@ from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_image
 from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
-from ._common import StatusLabel, add_progress, folder_of, never_widen
+from ._common import Dock, StatusLabel, add_progress, compact, folder_of
 from ._jobs import user_message
 from ._session import Session, follow
 from ._settings import remember
@@ -117,11 +116,11 @@ def oversized(crop_size: int, image: Any, rgb: bool) -> str | None:
     return None
 
 
-class SegmentWidget(Container):
+class SegmentWidget(Dock):
     """Segment nuclei in an image layer, add a Labels layer and save crops to a project."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.image = create_widget(annotation=napari.layers.Image, label="image")
@@ -185,7 +184,8 @@ class SegmentWidget(Container):
                 self.status,
             ]
         )
-        never_widen(self.model_file.native, self.project.native)
+        compact(self.model_file)
+        compact(self.project)
         self.jobs = add_progress(self)
         self.jobs.bind([self.run_button], self.cancel_button)
         self.model.changed.connect(

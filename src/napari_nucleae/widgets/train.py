@@ -12,7 +12,6 @@ import pandas as pd
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
-    Container,
     FileEdit,
     FloatSpinBox,
     LineEdit,
@@ -37,7 +36,15 @@ from ..core.model import (
     select_device,
 )
 from ..core.train import TrainResult, train
-from ._common import StatusLabel, add_progress, bind_project, never_widen, require_project
+from ._common import (
+    Dock,
+    StatusLabel,
+    add_progress,
+    bind_project,
+    compact,
+    never_widen,
+    require_project,
+)
 from ._session import Session, follow
 from ._settings import remember
 
@@ -126,7 +133,7 @@ class LossPlot(FigureCanvasQTAgg):
             ax.legend(loc="upper right")
 
 
-class TrainWidget(Container):
+class TrainWidget(Dock):
     """Train or load an autoencoder for a project and embed its crops.
 
     The model settings are the fields of ``ModelConfig`` (defaults included): the ones in
@@ -134,7 +141,7 @@ class TrainWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(scrollable=True)
+        super().__init__()
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, lambda: None)
@@ -179,8 +186,9 @@ class TrainWidget(Container):
             ]
         )
         self.plot = LossPlot()
-        self.native.layout().addWidget(self.plot)
-        never_widen(self.plot, self.checkpoint.native)
+        self.inner.layout().addWidget(self.plot)
+        never_widen(self.plot)
+        compact(self.checkpoint)
         self.jobs = add_progress(self)
         self.jobs.bind([self.start_button, self.load_button, self.embed_button], self.stop_button)
         self.jobs.epoch_ended.connect(self.plot.add)
