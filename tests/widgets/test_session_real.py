@@ -18,6 +18,7 @@ import pandas as pd
 from magicgui.widgets import Container, PushButton
 from qtpy.QtWidgets import QApplication
 
+from napari_nucleae.core.ingest import file_checksum
 from napari_nucleae.core.store import Project
 
 TIMEOUT = 180_000
@@ -139,7 +140,10 @@ def test_a_whole_session_through_the_menus(make_napari_viewer, qtbot, tmp_path):
     segment.project.value = folder
     _run(qtbot, segment, segment.run_button)
     nuclei = viewer.layers[f"{image.name} nuclei"]
-    assert len(Project.open(folder)) > 40
+    project = Project.open(folder)
+    assert len(project) > 40
+    (image_id,) = project.images()["image_id"]
+    assert image_id == file_checksum(image.metadata["path"])  # the id `nucleae ingest` gives
     _check_hover(viewer, nuclei, folder)
     _check(viewer, [segment], "2_segmented")
 

@@ -22,7 +22,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.analysis import LAYER_KEY, layer_features
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
-from ..core.ingest import ImageResult, IngestParams, add_to_project, process_image
+from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
 from ..core.segment import METHODS, SegmentParams
 from ..core.store import CropParams, Project
 from ._common import Dock, StatusLabel, add_progress, compact, folder_of
@@ -66,10 +66,10 @@ def segment_and_store(
     should_stop=None,
 ) -> SegmentOutcome:
     """Worker body: segment + crop a layer's data (a dask or zarr stack is read one plane at a
-    time), then append it to a project if given. The project records ``path`` (the layer's
-    file, else its name) as the image's path."""
-    result = process_image(
-        image, params, path=path or name, progress=progress, should_stop=should_stop
+    time), then append it to a project if given. A layer read from the file ``path`` gets the
+    id ``nucleae ingest`` gives that file, and the project records the file's path."""
+    result = process_layer(
+        image, params, name=name, path=path, progress=progress, should_stop=should_stop
     )
     if result.crops is None:
         raise NoNucleiError(
