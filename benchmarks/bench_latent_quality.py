@@ -17,12 +17,12 @@ validation MSE and output spread only.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_score
@@ -96,6 +96,13 @@ def bbbc007_project(folder: Path, size: int) -> Project:
     return project
 
 
+def keep(rows: list[dict], out: Path) -> None:
+    """Print the newest row and keep the rows so far next to ``out`` (a long run may be cut)."""
+    print(rows[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
@@ -107,7 +114,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep projects here (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latent_quality.json"))
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -117,13 +123,13 @@ def main() -> None:
                 project, labels = labelled_project(folder, count, size)
                 for variant in args.variants:
                     rows.append({"data": "synthetic", **measure(project, variant, labels)})
-                    print(rows[-1], flush=True)
+                    keep(rows, args.out)
         if args.bbbc007:
             for size in args.sizes:
                 project = bbbc007_project(work, size)
                 for variant in args.variants:
                     rows.append({"data": "BBBC007", **measure(project, variant, None)})
-                    print(rows[-1], flush=True)
+                    keep(rows, args.out)
     report(
         "latent_quality",
         rows,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .core.crop import crop_size_note
 from .core.errors import NucleaeError, describe_os_error
 from .core.ingest import IngestParams, IngestSummary, expand_inputs, ingest, summary_line
 from .core.segment import METHODS, SegmentParams
@@ -217,6 +218,9 @@ def ingest_and_report(
         f"project {project.path}: {len(project)} crops of {project.crop_size}×"
         f"{project.crop_size} px from {len(project.images())} images"
     )
+    suggestion = crop_size_note(project.table(with_features=False), project.crop_size)
+    if suggestion:
+        print(f"note: {suggestion} (--crop-size, for a new project)")
     return project, summary
 
 
@@ -233,33 +237,89 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- train / embed
-def add_model_options(parser: argparse.ArgumentParser, epochs: int, latent_dim: int) -> None:
-    """Autoencoder options shared by ``train`` and ``demo``."""
-    from .core.model import VARIANTS
+# (option, ModelConfig field, help); each option's default is the field's default
+MODEL_OPTIONS = (
+    ("--arch", "arch", "norm: batch-normalised convolutions; reference: the seed's plain network"),
+    ("--latent-dim", "latent_dim", "latent size, or auto: chosen from the crops' variance"),
+    ("--blocks", "n_blocks", "encoder blocks, or auto: halve the crop down to 4 px (at most 5)"),
+    ("--filters", "base_filters", "filters of the first block (doubling per block)"),
+    ("--lr", "lr", "peak learning rate (Adam)"),
+    ("--batch-size", "batch_size", "crops per optimiser step"),
+    ("--init", "init", "weight initialisation: kaiming (He normal) or torch's default"),
+    ("--schedule", "schedule", "learning rate: linear warm-up then cosine decay, or constant"),
+    ("--warmup", "warmup", "share of the steps spent warming the learning rate up"),
+    ("--min-steps", "min_steps", "small projects: repeat each epoch to reach this many steps"),
+    (
+        "--patience",
+        "patience",
+        "stop after this many epochs without a better validation loss (0: never)",
+    ),
+    ("--jitter", "jitter", "augmentation: random intensity scale of ± this fraction"),
+    ("--kl-weight", "kl_weight", "vae: weight of the KL term"),
+    ("--noise-std", "noise_std", "denoising: standard deviation of the added noise"),
+)
+AUTO_FIELDS = ("latent_dim", "n_blocks")
+DEFAULT_VARIANT = "ae"
 
+
+def auto_or_int(text: str) -> int:
+    """``auto`` (0, chosen later) or a positive integer."""
+    from .core.model import AUTO
+
+    if text == "auto":
+        return AUTO
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text}")
+    return value
+
+
+def _option_type(field_name: str, default: object) -> dict:
+    """argparse keywords for one ModelConfig field."""
+    from .core.model import ARCHS, INITS, SCHEDULES
+
+    choices = {"arch": ARCHS, "init": INITS, "schedule": SCHEDULES}
+    if field_name in choices:
+        return {"choices": choices[field_name]}
+    if field_name in AUTO_FIELDS:
+        return {"type": auto_or_int, "metavar": "N|auto"}
+    return {"type": type(default)}
+
+
+def add_model_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """Autoencoder options shared by ``train`` and ``demo``; defaults from ModelConfig.
+
+    Every model option defaults to None (not given), so that a resumed run can tell the
+    settings asked for from the stored ones."""
+    from dataclasses import fields
+
+    from .core.model import AUTO, VARIANTS, ModelConfig
+
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
     group = parser.add_argument_group("model")
     group.add_argument(
         "--variant",
         choices=VARIANTS,
-        default="ae",
-        help="ae (reference), vae, denoising, or pca (linear baseline)",
+        default=None,
+        help="ae (autoencoder), vae, denoising, or pca (linear baseline) (default: ae)",
     )
     group.add_argument("--epochs", type=int, default=epochs)
+    for option, name, text in MODEL_OPTIONS:
+        shown = "auto" if defaults[name] == AUTO and name in AUTO_FIELDS else defaults[name]
+        group.add_argument(
+            option,
+            dest=name,
+            default=None,
+            help=f"{text} (default: {shown})",
+            **_option_type(name, defaults[name]),
+        )
     group.add_argument(
-        "--latent-dim",
-        type=int,
-        default=latent_dim,
-        help="latent size (the reference study used 512)",
-    )
-    group.add_argument(
-        "--blocks",
-        type=int,
+        "--augment",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="encoder blocks (default: 4, fewer for small crops)",
+        help=f"flips, 90° rotations and intensity jitter while training "
+        f"(default: {'on' if defaults['augment'] else 'off'})",
     )
-    group.add_argument("--filters", type=int, default=16, help="filters of the first block")
-    group.add_argument("--lr", type=float, default=1e-3)
-    group.add_argument("--batch-size", type=int, default=64)
     group.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
     group.add_argument("--name", default="default", help="model name inside the project")
     group.add_argument(
@@ -270,27 +330,41 @@ def add_model_options(parser: argparse.ArgumentParser, epochs: int, latent_dim: 
     )
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """The model settings given on the command line (the rest keep their defaults)."""
+    names = [name for _, name, _ in MODEL_OPTIONS] + ["augment"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def model_config(args: argparse.Namespace, crop_size: int):
     """A model configuration from parsed arguments and the project's crop size."""
     from .core.model import ModelConfig
 
-    blocks = args.blocks or max(1, min(4, int(np.log2(crop_size)) - 2))
     return ModelConfig(
-        variant=args.variant,
-        crop_size=crop_size,
-        n_blocks=blocks,
-        base_filters=args.filters,
-        latent_dim=args.latent_dim,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        variant=args.variant or DEFAULT_VARIANT, crop_size=crop_size, **given_settings(args)
     )
+
+
+def resume_config(project: Project, args: argparse.Namespace):
+    """The stored settings of the model to resume, with the ones given on the command line
+    (``train`` refuses to resume when they differ)."""
+    from dataclasses import replace
+
+    from .core.model import checkpoint_config, checkpoint_file, read_checkpoint
+
+    path = checkpoint_file(project.model_dir(args.name) / "last.pt")
+    stored = checkpoint_config(read_checkpoint(path), path)
+    given = given_settings(args)
+    if args.variant is not None:
+        given["variant"] = args.variant
+    return replace(stored, **given)
 
 
 def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
     """Train a model on the project with a progress bar and per-epoch losses."""
-    from .core.train import train
+    from .core.train import COLLAPSE_ACTIONS, train
 
-    config = None if resume else model_config(args, project.crop_size)
+    config = resume_config(project, args) if resume else model_config(args, project.crop_size)
     bar = ProgressBar("train")
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
@@ -304,6 +378,8 @@ def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
             name=args.name,
             device=None if args.device == "auto" else args.device,
             resume=resume,
+            overwrite=args.overwrite,
+            on_collapse=getattr(args, "on_collapse", COLLAPSE_ACTIONS[0]),  # demo: default
             val_fraction=args.val_fraction,
             progress=bar,
             on_epoch=on_epoch,
@@ -519,10 +595,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=None, help="local worker threads")
     p.set_defaults(func=cmd_ingest)
 
+    from .core.train import COLLAPSE_ACTIONS
+
     p = sub.add_parser("train", help="train an autoencoder (or PCA baseline) on a project's crops")
     p.add_argument("--project", type=Path, required=True)
-    add_model_options(p, epochs=30, latent_dim=512)
+    add_model_options(p, epochs=30)
     p.add_argument("--resume", action="store_true", help="continue the named model's training")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing model of the same name"
+    )
+    p.add_argument(
+        "--on-collapse",
+        choices=COLLAPSE_ACTIONS,
+        default=COLLAPSE_ACTIONS[0],
+        help="when the model gives every crop the same output: restart at a lower learning "
+        "rate (default), stop with an error, or only warn",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("embed", help="latents and reconstruction MSE for every crop")
@@ -615,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in sample images")
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")
     add_ingest_options(p)
-    add_model_options(p, epochs=30, latent_dim=32)
+    add_model_options(p, epochs=30)
     add_report_options(p)
     p.set_defaults(crop_size=32)  # BBBC007 nuclei are 15–30 px across
+    p.set_defaults(overwrite=True)  # a re-run replaces the demo's own model
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="write a report folder (figures + index.html) of a project")
