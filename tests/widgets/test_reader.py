@@ -66,6 +66,8 @@ def test_reopened_project_restores_images_labels_and_analysis(
     table = project.table()
     features = nuclei.features
     assert features["label"].tolist() == list(range(1, labels.max() + 1))
+    # napari finds a label's row through `index`: the status bar shows the nucleus's own row
+    assert nuclei._label_index == {label: label - 1 for label in features["label"]}
     by_label = features.set_index("label")
     np.testing.assert_allclose(by_label.loc[table["label"], "mse"], table["mse"])
     uncropped = sorted(set(range(1, labels.max() + 1)) - set(table["label"]))

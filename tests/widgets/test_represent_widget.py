@@ -1,10 +1,12 @@
 import numpy as np
+import pytest
 
 from napari_nucleae.core.analysis import find_representatives
 from napari_nucleae.core.store import Project
 from napari_nucleae.widgets._nuclei import Picker
+from napari_nucleae.widgets._session import Session
 from napari_nucleae.widgets.explore import ExploreWidget
-from napari_nucleae.widgets.represent import RepresentWidget
+from napari_nucleae.widgets.represent import RepresentWidget, find
 
 TIMEOUT = 60_000
 
@@ -117,3 +119,25 @@ def test_explore_from_clicked_nuclei(
     widget.query_image.value = viewer.layers["wrong size"]
     _run(qtbot, widget, widget.search_button)
     assert "must be a 32×32 crop" in widget.status.value
+
+
+def test_finding_representatives_stops_when_asked(analysed):
+    session = Session()
+    session.open(analysed.path)
+    asked = []
+
+    def stop_at_second_group() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # two checks per group: the second group is never ranked
+
+    with pytest.raises(InterruptedError, match="stopped"):
+        find(
+            session,
+            center="mean",
+            metric="euclidean",
+            k=2,
+            by="image_id",
+            stability=False,
+            should_stop=stop_at_second_group,
+        )
+    assert len(asked) == 3
