@@ -22,10 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core.analysis import LAYER_KEY as KEY
-from .core.analysis import layer_features
-from .core.ingest import read_image
-from .core.store import Project
+from ._triton import guard_triton
+
+guard_triton()  # before core imports torch: see napari_nucleae._triton
+
+from .core.analysis import LAYER_KEY as KEY  # noqa: E402
+from .core.analysis import layer_features  # noqa: E402
+from .core.ingest import read_image  # noqa: E402
+from .core.store import Project  # noqa: E402
 
 LayerData = tuple[object, dict, str]
 

@@ -1,6 +1,6 @@
-"""The napari dock widgets. Importing them keeps triton out of a software-OpenGL session
-(see :mod:`._triton`)."""
+"""The napari dock widgets. They import torch: triton is guarded first (see
+:mod:`napari_nucleae._triton`)."""
 
-from ._triton import guard_triton
+from .._triton import guard_triton
 
 guard_triton()
