@@ -123,11 +123,6 @@ def require_project(session: Session) -> Project | None:
     return session.project
 
 
-def derived_columns(project: Project) -> list[str]:
-    """The per-crop columns analysis wrote (mse, projections, cluster, outlier, ...)."""
-    return list(project.features().columns)
-
-
 def add_progress(container: Dock) -> JobRunner:
     """A hidden progress bar at the bottom of ``container`` and its job runner."""
     bar = QProgressBar()
