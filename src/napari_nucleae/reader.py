@@ -1,6 +1,7 @@
 """Reopen a napari-nucleae project folder in napari (npe2 reader).
 
-A project opens as:
+The folder (napari asks which reader to use: napari nucleae) or its ``project.json`` (no
+question: only this reader claims it) opens as:
 
 - each source image whose file still exists (``images.parquet`` ``path``; images that were
   napari layers only have a layer name there and are skipped), and
@@ -34,20 +35,26 @@ from .core.store import Project  # noqa: E402
 LayerData = tuple[object, dict, str]
 
 
-def get_reader(path: str | os.PathLike | list):
-    """``read_project`` when ``path`` is a project folder (holds project.json), else None."""
+def project_folder(path: str | os.PathLike | list) -> Path | None:
+    """The project folder ``path`` names: the folder itself, or its ``project.json`` (which
+    only this reader claims, so napari opens it without asking which reader to use)."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
-    return read_project if (Path(path) / "project.json").is_file() else None
+    path = Path(path)
+    folder = path.parent if path.name == "project.json" else path
+    return folder if (folder / "project.json").is_file() else None
+
+
+def get_reader(path: str | os.PathLike | list):
+    """``read_project`` when ``path`` is a project folder or its project.json, else None."""
+    return read_project if project_folder(path) is not None else None
 
 
 def read_project(path: str | os.PathLike | list) -> list[LayerData]:
-    """The project's images and one Points layer of nuclei per image."""
-    if isinstance(path, list):
-        path = path[0]
-    project = Project.open(path)
+    """The project's images and one Labels (or Points) layer of nuclei per image."""
+    project = Project.open(project_folder(path))
     table = project.table()
     layers: list[LayerData] = []
     for record in project.images().itertuples():

@@ -98,7 +98,7 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
 
     # reopen the project in a fresh viewer: the nuclei come back with every column
     again = make_napari_viewer()
-    again.open(str(folder), plugin="napari-nucleae")
+    again.open(str(folder / "project.json"), plugin=None)  # only nucleae claims it: no dialog
     stem = Path(image.metadata["path"]).stem  # the sample's file: the image comes back too
     np.testing.assert_array_equal(again.layers[stem].data, image.data)
     restored = again.layers[f"{stem} nuclei"]
