@@ -206,8 +206,8 @@ def train_screenshot(viewer: napari.Viewer, out: Path, folder: Path, epochs: int
     widget.project.value = folder
     widget.name.value = "screenshot"
     widget.latent_dim.value = 16
-    widget.blocks.value = 2
-    widget.filters.value = 8
+    widget.n_blocks.value = 2
+    widget.base_filters.value = 8
     widget.epochs.value = epochs
     widget.start_button.clicked.emit()
     wait(widget)

@@ -387,7 +387,7 @@ def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
     finally:
         bar.close()
     for note in result.notes:
-        print(f"note: {note}")
+        print(f"{'warning' if note in result.warnings else 'note'}: {note}")
     print(
         f"model '{result.name}' trained on {result.device} for {len(result.history)} epochs "
         f"(validation split by {result.split}); best checkpoint: {result.best}"

@@ -108,3 +108,19 @@ def test_a_multiscale_layer_is_segmented_at_full_resolution(make_napari_viewer, 
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
     labels = viewer.layers["nuclei nuclei"]
     assert labels.data.shape == image.shape and labels.data.max() == truth.max()
+
+
+def test_a_crop_size_the_nuclei_fill_is_suggested(make_napari_viewer, qtbot, synthetic):
+    image, _ = synthetic  # nuclei 12-22 px across
+    viewer, widget = _widget(make_napari_viewer, image)
+    widget.method.value = "classical"
+    widget.diameter.value = 16
+    widget.crop_size.value = 96
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    assert not widget.crop_hint.native.isHidden()
+    assert "a crop size of 32 would let them fill the crop" in widget.crop_hint.value
+    widget.crop_size.value = 32
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    assert widget.crop_hint.native.isHidden() and widget.crop_hint.value == ""

@@ -55,3 +55,45 @@ def test_bad_checkpoint_is_reported_not_raised(make_napari_viewer, qtbot, tmp_pa
     widget.load_button.clicked.emit()
     assert widget.session.model is None
     assert "garbage.pt" in widget.status.value
+
+
+def test_collapse_warnings_stay_visible_and_names_are_not_overwritten(
+    make_napari_viewer, qtbot, synthetic, tmp_path
+):
+    image, _ = synthetic
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    segment = SegmentWidget(viewer)
+    segment.reset_choices()
+    segment.method.value = "classical"
+    segment.diameter.value = 16
+    segment.crop_size.value = 32
+    segment.project.value = tmp_path / "project"
+    segment.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.project.value = tmp_path / "project"
+    # the seed's plain network at a rate that kills its ReLUs: training must restart it
+    settings = {"arch": "reference", "lr": 0.3, "n_blocks": 2, "base_filters": 8}
+    settings |= {"latent_dim": 16, "batch_size": 32, "min_steps": 300, "patience": 0}
+    for name, value in settings.items():
+        getattr(widget, name).value = value
+    widget.epochs.value = 3
+    widget.start_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=5 * TIMEOUT)  # 300+ small steps
+    assert "restarted from scratch" in widget.warning.value
+    warning = widget.warning.value
+    widget.embed_button.clicked.emit()
+    qtbot.waitUntil(lambda: "embedded" in widget.status.value, timeout=TIMEOUT)
+    assert widget.warning.value == warning  # a later message does not hide it
+
+    widget.min_steps.value = 0
+    widget.start_button.clicked.emit()
+    qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
+    assert "already exists" in widget.status.value and widget.start_button.enabled
+    widget.overwrite.value = True
+    widget.start_button.clicked.emit()
+    qtbot.waitUntil(lambda: "finished" in widget.status.value, timeout=TIMEOUT)
+    assert "restarted" not in widget.warning.value  # each training starts a clean line

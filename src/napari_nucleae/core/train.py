@@ -73,6 +73,24 @@ class Split:
     note: str | None = None
 
 
+class Notes(list):
+    """Notes on a training run; the ones that need the user's attention are also
+    :attr:`warnings` (and issued as ``UserWarning``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
+
+    def warn(self, note: str) -> None:
+        self.append(note)
+        self.warnings.append(note)
+        warnings.warn(note, UserWarning, stacklevel=4)
+
+    def merge(self, other: Notes) -> None:
+        self.extend(other)
+        self.warnings.extend(other.warnings)
+
+
 @dataclass
 class TrainResult:
     """What a call to :func:`train` produced."""
@@ -86,6 +104,7 @@ class TrainResult:
     split: str
     device: str
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the notes that need attention
 
 
 # ---------------------------------------------------------------------------- data
@@ -460,9 +479,9 @@ def train(
     _check_inputs(project, config, epochs)
     dev = select_device(device)
     split = split_crops(project.table(with_features=False), val_fraction, seed)
-    notes = [split.note] if split.note else []
-    for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+    notes = Notes()
+    if split.note:
+        notes.warn(split.note)
     if not resume:
         _claim_name(project, name, overwrite)
     if config.latent_dim == AUTO:
@@ -578,7 +597,7 @@ class _Run:
     num_workers: int
     probe: np.ndarray  # crops whose output spread tells a collapse
     on_collapse: str = "restart"
-    notes: list[str] = field(default_factory=list)
+    notes: Notes = field(default_factory=Notes)
 
     def __post_init__(self) -> None:
         config, device = self.config, self.device
@@ -657,9 +676,9 @@ class _Run:
                 break
         final_note = collapse_note(self.network, self.probe, self.device)
         if final_note and done < MIN_CHECK_STEPS:
-            self.notes.append(f"{final_note}; {done} optimiser steps are too few: train longer")
+            self.notes.warn(f"{final_note}; {done} optimiser steps are too few: train longer")
         elif final_note and self.on_collapse == "warn":
-            self.notes.append(final_note)
+            self.notes.warn(final_note)
         elif final_note:
             raise _Collapsed(int(self.history["epoch"].iloc[-1]), final_note)
         return False
@@ -740,7 +759,7 @@ def _fit_network(
     on_epoch: Callable[[int, float, float], None] | None,
     should_stop: Callable[[], bool],
     num_workers: int,
-    notes: list[str],
+    notes: Notes,
     on_collapse: str,
 ) -> TrainResult:
     """Train; after a collapse restart from scratch at a third of the learning rate (up to
@@ -783,12 +802,11 @@ def _fit_network(
                     "(nuclei should fill a good part of each), --arch norm, or a lower --lr"
                 ) from None
             config = replace(config, lr=config.lr / 3)
-            notes.append(f"{message}: restarted from scratch at learning rate {config.lr:g}")
-            warnings.warn(notes[-1], UserWarning, stacklevel=3)
+            notes.warn(f"{message}: restarted from scratch at learning rate {config.lr:g}")
             if progress is not None:
                 progress(0, 1, "collapsed: restarting at a lower learning rate")
             continue
-        notes.extend(run.notes)
+        notes.merge(run.notes)
         return _result(name, folder, run.history, stopped, split, device, notes)
     raise AssertionError("unreachable")
 
@@ -800,7 +818,7 @@ def _result(
     stopped: bool,
     split: Split,
     device: torch.device,
-    notes: list[str],
+    notes: Notes,
 ) -> TrainResult:
     last, best = folder / "last.pt", folder / "best.pt"
     return TrainResult(
@@ -812,7 +830,8 @@ def _result(
         stopped=stopped,
         split=split.by,
         device=str(device),
-        notes=notes,
+        notes=list(notes),
+        warnings=list(notes.warnings),
     )
 
 
@@ -826,7 +845,7 @@ def _fit_pca(
     seed: int,
     progress: Progress | None,
     should_stop: Callable[[], bool],
-    notes: list[str],
+    notes: Notes,
 ) -> TrainResult:
     """Fit IncrementalPCA in one streaming pass; saved in the same checkpoint format."""
     folder = project.model_dir(name)

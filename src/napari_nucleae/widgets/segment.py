@@ -21,6 +21,7 @@ from magicgui.widgets import (
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.analysis import LAYER_KEY, layer_features
+from ..core.crop import crop_size_note
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
 from ..core.segment import METHODS, SegmentParams
@@ -81,10 +82,12 @@ def segment_and_store(
     if project_dir is None:
         return SegmentOutcome(result, "")
     project = Project.open_or_create(project_dir, params.crop)
-    if project.has_image(result.record["image_id"]):
+    added = add_to_project(project, result)  # None: present already (checked under the lock)
+    notes = "".join(f" ({note})" for note in project.notes)  # e.g. a stale lock taken over
+    if added is None:
         return SegmentOutcome(result, f"'{name}' is already in {project.path}; not added again")
-    added = add_to_project(project, result)
-    return SegmentOutcome(result, f"saved {len(added)} crops to {project.path}", added.start)
+    saved = f"saved {len(added)} crops to {project.path}{notes}"
+    return SegmentOutcome(result, saved, added.start)
 
 
 def features_table(
@@ -162,6 +165,8 @@ class SegmentWidget(Dock):
         )
         self.run_button = PushButton(text="Segment and crop")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.crop_hint = StatusLabel()  # a crop size the measured nuclei would fill
+        self.crop_hint.visible = False
         self.status = StatusLabel()
         self.extend(
             [
@@ -173,6 +178,7 @@ class SegmentWidget(Dock):
                 self.diameter,
                 self.gpu,
                 self.crop_size,
+                self.crop_hint,
                 self.mask,
                 self.skip_border,
                 self.rescale,
@@ -258,6 +264,13 @@ class SegmentWidget(Dock):
             cancellable=True,
         )
 
+    def show_crop_size_hint(self, result: ImageResult) -> None:
+        """Suggest a crop size from the nuclei just measured (nothing when it fits)."""
+        table = result.crops.table if result.crops is not None else None
+        note = None if table is None else crop_size_note(table, self.crop_size.value)
+        self.crop_hint.value = f"Crop size: {note}." if note else ""
+        self.crop_hint.visible = bool(note)
+
     def _on_error(self, err: BaseException) -> None:
         message = user_message(err)
         if isinstance(err, WeightsUnavailableError):
@@ -296,6 +309,7 @@ class SegmentWidget(Dock):
         self.status.value = (
             f"{result.segmentation.n_nuclei} nuclei ({method}), {result.n_crops} cropped"
         )
+        self.show_crop_size_hint(result)
         if result.segmentation.note:
             show_warning(result.segmentation.note)
         show_info(f"{layer.name}: {self.status.value}. {outcome.saved}".strip())

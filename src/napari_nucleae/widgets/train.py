@@ -35,7 +35,7 @@ from ..core.model import (
     load_model,
     select_device,
 )
-from ..core.train import TrainResult, train
+from ..core.train import TrainingError, TrainResult, train
 from ._common import (
     Dock,
     StatusLabel,
@@ -159,6 +159,11 @@ class TrainWidget(Dock):
         self.all_settings = CheckBox(value=False, text="all settings")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.resume = CheckBox(value=False, text="resume training")
+        self.overwrite = CheckBox(
+            value=False,
+            text="replace an existing model",
+            tooltip="a model of this name is otherwise never replaced",
+        )
         self.start_button = PushButton(text="Start training")
         self.stop_button = PushButton(text="Stop")
         self.checkpoint = FileEdit(mode="r", label="checkpoint", filter="*.pt")
@@ -166,6 +171,8 @@ class TrainWidget(Dock):
         self.embed_button = PushButton(text="Embed all crops")
         self.device_label = StatusLabel(f"device: {select_device(None)}")
         self.status = StatusLabel()
+        self.warning = StatusLabel()  # training warnings stay until the next training starts
+        self.warning.native.setStyleSheet("color: #e0a030")
         self.extend(
             [
                 self.project,
@@ -176,6 +183,7 @@ class TrainWidget(Dock):
                 self.all_settings,
                 self.device,
                 self.resume,
+                self.overwrite,
                 self.start_button,
                 self.stop_button,
                 self.checkpoint,
@@ -183,6 +191,7 @@ class TrainWidget(Dock):
                 self.embed_button,
                 self.device_label,
                 self.status,
+                self.warning,
             ]
         )
         self.plot = LossPlot()
@@ -197,7 +206,7 @@ class TrainWidget(Dock):
         self.load_button.changed.connect(self.load_checkpoint)
         self.embed_button.changed.connect(self.start_embedding)
         follow(self, self.session.project_changed, self._project_changed)
-        remember(self, "train", skip=("resume",))
+        remember(self, "train", skip=("resume", "overwrite"))
         self._show_settings(self.all_settings.value)
 
     # ------------------------------------------------------------------ helpers
@@ -235,6 +244,7 @@ class TrainWidget(Dock):
             self.plot.set_history(h["epoch"], h["train_loss"], h["val_loss"])
         else:
             self.plot.set_history([], [], [])
+        self.warning.value = ""
         self.jobs.start(
             train,
             project,
@@ -243,6 +253,7 @@ class TrainWidget(Dock):
             name=self.name.value,
             device=self._device(),
             resume=self.resume.value,
+            overwrite=self.overwrite.value,
             on_epoch=self.jobs.epoch_ended.emit,
             desc="Training",
             on_returned=self._trained,
@@ -255,7 +266,8 @@ class TrainWidget(Dock):
         self.status.value = (
             f"'{result.name}' {state} after {len(result.history)} epochs on {result.device}"
         )
-        for note in result.notes:
+        self.warning.value = "\n".join(f"Warning: {note}" for note in result.warnings)
+        for note in result.warnings:
             show_warning(note)
         show_info(self.status.value)
         self.session.use_model(None)  # the trained model is now the project's active model
@@ -308,6 +320,8 @@ class TrainWidget(Dock):
     def _failed(self, err: BaseException) -> None:
         self.jobs.report_error(err)
         self.status.value = str(err)
+        if isinstance(err, TrainingError):
+            self.warning.value = f"Warning: {err}"
 
 
 def embed_with(
