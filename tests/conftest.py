@@ -6,10 +6,12 @@ import os
 import tempfile
 
 import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nucleae-numba"))
 
+from napari_nucleae.core.store import CropParams, Project  # noqa: E402
 from napari_nucleae.sample import synthetic_nuclei  # noqa: E402
 
 
@@ -52,3 +54,20 @@ class RecordedReads:
 def recorded_reads() -> type[RecordedReads]:
     """``recorded_reads(array)``: an array-like that records the shape of every read."""
     return RecordedReads
+
+
+def random_crop_project(path, n: int, n_images: int) -> Project:
+    """A 32-px project of ``n`` random crops of varied brightness from ``n_images`` images."""
+    project = Project.create(path, CropParams(size=32))
+    rng = np.random.default_rng(0)
+    pixels = rng.random((n, 32, 32), dtype=np.float32) * rng.random((n, 1, 1), dtype=np.float32)
+    for i, crops in enumerate(np.array_split(pixels, n_images)):
+        table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(1, len(crops) + 1)})
+        project.append({"image_id": f"img{i}"}, crops, table)
+    return project
+
+
+@pytest.fixture
+def random_project():
+    """``random_project(path, n, n_images)``: see :func:`random_crop_project`."""
+    return random_crop_project

@@ -12,19 +12,14 @@ from napari_nucleae.core.analysis import query_crop
 from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.model import ModelConfig
-from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.core.store import Project
 from napari_nucleae.core.train import train
 
 
 @pytest.fixture
-def project(tmp_path) -> Project:
+def project(tmp_path, random_project) -> Project:
     """60 random crops of varied brightness from three images, a PCA model and its latents."""
-    project = Project.create(tmp_path / "project", CropParams(size=32))
-    rng = np.random.default_rng(0)
-    pixels = rng.random((60, 32, 32), dtype=np.float32) * rng.random((60, 1, 1), dtype=np.float32)
-    for i, crops in enumerate(np.array_split(pixels, 3)):
-        table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(1, len(crops) + 1)})
-        project.append({"image_id": f"img{i}"}, crops, table)
+    project = random_project(tmp_path / "project", 60, 3)
     train(project, ModelConfig("pca", 32, latent_dim=6), 1, device="cpu")
     embed(project, device="cpu")
     return project

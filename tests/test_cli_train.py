@@ -5,27 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from napari_nucleae.cli import build_parser, main, model_config
 from napari_nucleae.core.model import AUTO, ModelConfig
-from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.core.store import Project
 
 QUICK = ["--blocks", "2", "--filters", "4", "--min-steps", "0", "--epochs", "1"]
 
 
 @pytest.fixture
-def project(tmp_path) -> Project:
+def project(tmp_path, random_project) -> Project:
     """80 random crops of varied brightness from two images."""
-    project = Project.create(tmp_path / "project", CropParams(size=32))
-    rng = np.random.default_rng(0)
-    pixels = rng.random((80, 32, 32), dtype=np.float32) * rng.random((80, 1, 1), dtype=np.float32)
-    for i, crops in enumerate(np.array_split(pixels, 2)):
-        table = pd.DataFrame({"image_id": f"img{i}", "label": np.arange(1, len(crops) + 1)})
-        project.append({"image_id": f"img{i}"}, crops, table)
-    return project
+    return random_project(tmp_path / "project", 80, 2)
 
 
 def _train(project: Project, *options: str) -> int:

@@ -7,10 +7,8 @@ from napari_nucleae.widgets.train import TrainWidget
 TIMEOUT = 120_000
 
 
-def test_train_then_embed_updates_plot_project_and_labels_features(
-    make_napari_viewer, qtbot, synthetic, tmp_path
-):
-    image, truth = synthetic
+def _segmented_then_train(make_napari_viewer, qtbot, image, tmp_path):
+    """A viewer whose image was segmented into a project, and a docked Train widget on it."""
     viewer = make_napari_viewer()
     viewer.add_image(image, name="nuclei")
     segment = SegmentWidget(viewer)
@@ -22,10 +20,17 @@ def test_train_then_embed_updates_plot_project_and_labels_features(
     segment.project.value = tmp_path / "project"
     segment.run_button.clicked.emit()
     qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
-
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.project.value = tmp_path / "project"
+    return viewer, widget
+
+
+def test_train_then_embed_updates_plot_project_and_labels_features(
+    make_napari_viewer, qtbot, synthetic, tmp_path
+):
+    image, truth = synthetic
+    viewer, widget = _segmented_then_train(make_napari_viewer, qtbot, image, tmp_path)
     widget.epochs.value = 2
     widget.min_steps.value = 0  # two short epochs: a test of the widget, not of training
     widget.start_button.clicked.emit()
@@ -60,21 +65,7 @@ def test_bad_checkpoint_is_reported_not_raised(make_napari_viewer, qtbot, tmp_pa
 def test_collapse_warnings_stay_visible_and_names_are_not_overwritten(
     make_napari_viewer, qtbot, synthetic, tmp_path
 ):
-    image, _ = synthetic
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="nuclei")
-    segment = SegmentWidget(viewer)
-    segment.reset_choices()
-    segment.method.value = "classical"
-    segment.diameter.value = 16
-    segment.crop_size.value = 32
-    segment.project.value = tmp_path / "project"
-    segment.run_button.clicked.emit()
-    qtbot.waitUntil(lambda: "nuclei nuclei" in viewer.layers, timeout=TIMEOUT)
-
-    widget = TrainWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    widget.project.value = tmp_path / "project"
+    viewer, widget = _segmented_then_train(make_napari_viewer, qtbot, synthetic[0], tmp_path)
     # the seed's plain network at a rate that kills its ReLUs: training must restart it
     settings = {"arch": "reference", "lr": 0.3, "n_blocks": 2, "base_filters": 8}
     settings |= {"latent_dim": 16, "batch_size": 32, "min_steps": 300, "patience": 0}
