@@ -6,9 +6,10 @@ mixed 60/30/10, written as TIFFs and ingested through the normal path (classical
 segmentation, crops of each size). Every variant is trained with its defaults (``nucleae
 train --variant V``) and embedded; the seed's recipe (``--arch reference`` with its plain
 optimisation) is measured beside them. Per crop size × number of crops × variant: 10-NN
-phenotype accuracy (5-fold cross-validated), k-means ARI (k = 3), validation MSE, output
+phenotype accuracy (5-fold cross-validated), k-means ARI (k = 3), validation loss, output
 spread (near 0: collapsed), training time. The real BBBC007 images (no labels) give
-validation MSE and output spread only.
+validation loss and output spread only. The validation loss is the reconstruction MSE on
+held-out images (plus the weighted KL term for the VAE).
 
     python benchmarks/bench_latent_quality.py [--sizes 32 64 128] [--counts 100 1000 10000]
         [--variants ae vae denoising pca reference] [--bbbc007] [--out PATH]
@@ -71,7 +72,7 @@ def measure(project: Project, variant: str, labels: np.ndarray | None) -> dict:
         return {**row, "train_s": time.perf_counter() - started, "error": str(err)[:120]}
     row["train_s"] = time.perf_counter() - started
     row["epochs"] = len(result.history)
-    row["val_mse"] = float(result.history["val_loss"].min())
+    row["val_loss"] = float(result.history["val_loss"].min())
     model = load_model(project.model_dir(name), "cpu")
     row["latent"] = model.config.latent_dim
     crops = project.read_crops(np.arange(min(len(project), PROBE_CROPS)))
@@ -138,7 +139,8 @@ def main() -> None:
             "epochs": EPOCHS,
             "phenotypes": "small round / large elongated / speckled, mixed 60/30/10",
             "metrics": "knn_acc: 10-NN phenotype accuracy, 5-fold CV; kmeans_ari: k-means "
-            "(k=3) adjusted Rand index; spread: output spread / crop spread (0: collapsed)",
+            "(k=3) adjusted Rand index; val_loss: best validation loss (MSE, + KL for vae); "
+            "spread: output spread / crop spread (0: collapsed)",
         },
     )
 

@@ -123,8 +123,14 @@ def test_small_projects_get_the_minimum_number_of_optimiser_steps(make_project):
     )
     totals = []
     result = train(project, config, 2, progress=lambda d, t, m: totals.append(t))
-    assert totals[-1] == 2 * 10 * 3  # ceil(60 / (3 * 2)) = 10 passes per epoch
-    assert any("10 passes over the 80 training crops" in note for note in result.notes)
+    assert totals[-1] == 60  # 30 steps per epoch: 10 passes over the crops
+    assert any("repeats the 80 training crops for 30 optimiser steps" in n for n in result.notes)
+    config = ModelConfig(
+        "ae", 32, n_blocks=2, base_filters=8, latent_dim=16, batch_size=32, min_steps=6
+    )
+    totals.clear()
+    result = train(project, config, 2, name="big", progress=lambda d, t, m: totals.append(t))
+    assert totals[-1] == 2 * 3 and not any("repeats" in n for n in result.notes)
     assert result.history["epoch"].tolist() == [1, 2]
 
 

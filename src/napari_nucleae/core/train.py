@@ -9,6 +9,7 @@ generalisation to new images rather than to neighbours of training crops.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -159,7 +160,8 @@ class ChunkStream(IterableDataset):
 
     Chunks are visited in a seeded order that changes with ``epoch`` and shuffled within a
     buffer of ``buffer_chunks`` chunks. Worker processes each take a fixed share of the chunks.
-    An epoch is ``passes`` passes over the rows.
+    An epoch is one pass over the rows, or, with ``min_batches``, as many passes as it takes to
+    yield that many batches (small projects).
     """
 
     def __init__(
@@ -177,7 +179,7 @@ class ChunkStream(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        self.passes = 1  # passes over the rows per epoch (more for small projects)
+        self.min_batches = 0  # batches per epoch at least (repeating the rows; all workers)
         chunk = int(project.crops.chunks[0])
         self.buffer_rows = max(batch_size, buffer_chunks * chunk)
         rows = np.asarray(rows, dtype=np.int64)
@@ -190,8 +192,12 @@ class ChunkStream(IterableDataset):
     def n_batches(self, n_workers: int = 0) -> int:
         """Batches per epoch (each worker ends each pass with one partial batch)."""
         shards = self._shards(max(1, n_workers))
-        per_pass = sum(math.ceil(sum(map(len, s)) / self.batch_size) for s in shards)
-        return per_pass * self.passes
+        return sum(self._worker_batches(s, len(shards)) for s in shards)
+
+    def _worker_batches(self, shard: list[np.ndarray], n_workers: int) -> int:
+        """Batches one worker yields per epoch."""
+        per_pass = math.ceil(sum(map(len, shard)) / self.batch_size)
+        return max(per_pass, math.ceil(self.min_batches / n_workers)) if per_pass else 0
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         first = int(rows[0])
@@ -201,8 +207,13 @@ class ChunkStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        for repeat in range(self.passes):
-            yield from self._pass(self._shards(n_workers)[worker], [worker, repeat])
+        shard = self._shards(n_workers)[worker]
+        wanted = self._worker_batches(shard, n_workers)
+        passes = itertools.count()
+        while wanted > 0:
+            for batch in itertools.islice(self._pass(shard, [worker, next(passes)]), wanted):
+                wanted -= 1
+                yield batch
 
     def _pass(self, blocks: list[np.ndarray], key: list[int]) -> Iterator[torch.Tensor]:
         """One pass over ``blocks`` in batches, shuffled with a seed made of ``key``."""
@@ -535,10 +546,10 @@ def _crop_dict(project: Project) -> dict:
     return crop
 
 
-def passes_per_epoch(batches_per_pass: int, epochs: int, min_steps: int) -> int:
-    """Passes over the training crops per epoch so that ``epochs`` epochs make at least
-    ``min_steps`` optimiser steps (1 for projects large enough)."""
-    return max(1, math.ceil(min_steps / max(1, batches_per_pass * epochs)))
+def steps_per_epoch(batches_per_pass: int, epochs: int, min_steps: int) -> int:
+    """Optimiser steps per epoch: one pass over the training crops, or more (repeating them)
+    so that ``epochs`` epochs make at least ``min_steps`` steps."""
+    return max(batches_per_pass, math.ceil(min_steps / max(1, epochs)))
 
 
 def output_spread(network: Network, crops: np.ndarray, device: torch.device) -> float:
@@ -632,9 +643,7 @@ class _Run:
     def fit(self, epochs: int) -> bool:
         """Train for up to ``epochs`` epochs; True when stopped by ``should_stop``."""
         config = self.config
-        self.train_stream.passes = passes_per_epoch(
-            self.train_stream.n_batches(self.num_workers), epochs, config.min_steps
-        )
+        self._repeat_small(epochs)
         steps = self.steps(epochs)
         train_loader = _loader(self.train_stream, self.num_workers, self.device)
         val_loader = _loader(self.val_stream, self.num_workers, self.device)
@@ -682,6 +691,20 @@ class _Run:
         elif final_note:
             raise _Collapsed(int(self.history["epoch"].iloc[-1]), final_note)
         return False
+
+    def _repeat_small(self, epochs: int) -> None:
+        """Make each epoch long enough for the run to reach ``min_steps`` optimiser steps."""
+        stream = self.train_stream
+        stream.min_batches = 0
+        natural = stream.n_batches(self.num_workers)
+        stream.min_batches = steps_per_epoch(natural, epochs, self.config.min_steps)
+        if stream.min_batches > natural:
+            passes = stream.min_batches / natural
+            self.notes.append(
+                f"a small project: each epoch repeats the {len(self.split.train)} training "
+                f"crops for {stream.min_batches} optimiser steps ({passes:.1f} passes), so "
+                f"that training takes at least {self.config.min_steps} steps"
+            )
 
     def _check(self, epoch: int, train_loss: float, val_loss: float, done: int, total: int) -> None:
         """Refuse a diverged loss; after a third of the steps (and at least
@@ -782,16 +805,6 @@ def _fit_network(
             probe=probe,
             on_collapse=on_collapse,
         )
-        if run.config.min_steps and not checkpoint:
-            passes = passes_per_epoch(
-                run.train_stream.n_batches(num_workers), epochs, config.min_steps
-            )
-            if passes > 1 and attempt == 0:
-                notes.append(
-                    f"a small project: each epoch makes {passes} passes over the "
-                    f"{len(split.train)} training crops, so that training takes at least "
-                    f"{config.min_steps} optimiser steps"
-                )
         try:
             stopped = run.fit(epochs)
         except _Collapsed as collapsed:
