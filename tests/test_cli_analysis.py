@@ -133,3 +133,12 @@ def test_project_max_fit_places_the_other_crops(project, capsys):
     coords = Project.open(project.path).features()[["TSNE_0", "TSNE_1"]].to_numpy()
     assert coords.shape == (60, 2) and np.isfinite(coords).all()
     assert main([*args[:-1], "3"]) == 1  # fewer than 4 rows cannot be fitted
+
+
+def test_report_keeps_its_clusters_apart_unless_asked_to_store_them(project, tmp_path):
+    args = ["report", "--project", str(project.path), "--projection", "pca", "--clusters", "2"]
+    assert main([*args, "--out", str(tmp_path / "r1")]) == 0
+    table = Project.open(project.path).table()
+    assert "report_cluster" in table and "cluster" not in table
+    assert main([*args, "--out", str(tmp_path / "r2"), "--store-columns"]) == 0
+    assert "cluster" in Project.open(project.path).table()

@@ -547,7 +547,10 @@ def run_report(project: Project, out: Path, model: str | None, args: argparse.Na
     from .core.report import ReportOptions, write_report
 
     options = ReportOptions(
-        projection=args.projection, n_clusters=args.clusters, seed=getattr(args, "seed", 0)
+        projection=args.projection,
+        n_clusters=args.clusters,
+        seed=getattr(args, "seed", 0),
+        store_columns=args.store_columns,
     )
     bar = ProgressBar("report")
     try:
@@ -568,6 +571,13 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("report")
     group.add_argument("--projection", choices=("umap", "tsne", "pca"), default="umap")
     group.add_argument("--clusters", type=int, default=4, help="k-means clusters")
+    group.add_argument(
+        "--store-columns",
+        action="store_true",
+        help="store the report's clusters and outlier flags as the project's own 'cluster' "
+        "and 'outlier' columns (default: report_cluster / report_outlier, so a clustering "
+        "made in the viewer is kept)",
+    )
 
 
 # ---------------------------------------------------------------------------- parser

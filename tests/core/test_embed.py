@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import numpy as np
@@ -142,3 +143,16 @@ def test_embedding_on_cuda_without_a_gpu_is_refused_and_keeps_latents(trained, n
 def test_default_batch_size_is_larger_on_gpus():
     cpu = default_batch_size(torch.device("cpu"), 64)
     assert cpu == 256 and default_batch_size(torch.device("cuda"), 64) > cpu
+
+
+def test_a_lost_latents_chunk_is_named_never_read_as_zeros(trained):
+    embed(trained, "ae")
+    path = trained.latents_path("ae")
+    chunk_files = sorted(p for p in path.rglob("*") if p.is_file() and "zarr.json" not in p.name)
+    assert len(chunk_files) == 10  # 150 crops in chunks of 16: every chunk is on disk
+    lost = chunk_files[3]
+    lost.unlink()
+    with pytest.raises(ProjectError, match=f"{re.escape(str(lost))} is missing.*embed again"):
+        read_latents(trained, "ae")
+    embed(trained, "ae")
+    assert np.isfinite(read_latents(trained, "ae")[:]).all()

@@ -112,7 +112,14 @@ def embed(
     final = project.latents_path(loaded.name)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    out = zarr.open_array(str(tmp), mode="w", shape=(n, dim), chunks=(chunk, dim), dtype="float32")
+    out = zarr.open_array(
+        str(tmp),
+        mode="w",
+        shape=(n, dim),
+        chunks=(chunk, dim),
+        dtype="float32",
+        config={"write_empty_chunks": True},  # every chunk on disk: a lost one is noticed
+    )
     mse = np.empty(n, np.float32)
     try:
         blocks = read_ahead(
@@ -161,4 +168,18 @@ def read_latents(project: Project, name: str | None = None) -> zarr.Array:
             f"latents of {name!r} cover {latents.shape[0]} crops but the project holds "
             f"{len(project)}; run embed again"
         )
+    check_chunks(latents, path, "latents")
     return latents
+
+
+def check_chunks(array: zarr.Array, path: Path, what: str) -> None:
+    """Refuse an array with a chunk file missing (it would read as zeros)."""
+    step = array.chunks[0]
+    for chunk in range(-(-array.shape[0] // step)):
+        key = array.metadata.encode_chunk_key((chunk, *(0,) * (array.ndim - 1)))
+        if not (path / key).is_file():
+            raise ProjectError(
+                f"{path / key} is missing: the {what} of crops {chunk * step}-"
+                f"{min(array.shape[0], (chunk + 1) * step) - 1} cannot be read (they would read "
+                "as zeros); run embed again"
+            )
