@@ -74,11 +74,12 @@ def test_collapse_warnings_stay_visible_and_names_are_not_overwritten(
     widget.epochs.value = 3
     widget.start_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=5 * TIMEOUT)  # 300+ small steps
-    assert "restarted from scratch" in widget.warning.value
+    assert "restart" in widget.warning.value and "from scratch" in widget.warning.value
     warning = widget.warning.value
-    widget.embed_button.clicked.emit()
-    qtbot.waitUntil(lambda: "embedded" in widget.status.value, timeout=TIMEOUT)
-    assert widget.warning.value == warning  # a later message does not hide it
+    widget.checkpoint.value = tmp_path / "missing.pt"
+    widget.load_button.clicked.emit()
+    assert "missing.pt" in widget.status.value  # a later message ...
+    assert widget.warning.value == warning  # ... does not hide the warning
 
     widget.min_steps.value = 0
     widget.start_button.clicked.emit()

@@ -810,8 +810,9 @@ def _fit_network(
         except _Collapsed as collapsed:
             message = f"{collapsed.note} (epoch {collapsed.epoch}, learning rate {config.lr:g})"
             if checkpoint or on_collapse == "stop" or attempt == MAX_RESTARTS:
+                again = f" after {attempt} restarts from scratch at lower rates" if attempt else ""
                 raise TrainingError(
-                    f"{message}; it was not kept as the active model. Try smaller crops "
+                    f"{message}{again}; it was not kept as the active model. Try smaller crops "
                     "(nuclei should fill a good part of each), --arch norm, or a lower --lr"
                 ) from None
             config = replace(config, lr=config.lr / 3)
