@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from napari_nucleae.core import store
@@ -243,6 +243,7 @@ def read_everything(path: Path) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(n_batches=st.integers(1, 40), pick=st.floats(0, 1, exclude_max=True))
+@example(n_batches=18, pick=0.484375)  # a chunk in the middle: an append must refuse too
 def test_any_lost_file_is_named_and_nothing_is_deleted(tmp_path_factory, n_batches, pick):
     path = tmp_path_factory.mktemp("lost") / "p"
     project = filled(path, n_batches)

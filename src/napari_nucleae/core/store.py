@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -440,13 +440,7 @@ class Project:
         )
         if not len(rows):
             chunks = range(0)
-        for chunk in chunks:
-            file = self._chunk_file(arr, int(chunk))
-            if not file.is_file():
-                raise ProjectError(
-                    f"{file} is missing: crops {chunk * step}-{(chunk + 1) * step - 1} cannot "
-                    "be read (they would read as blank crops). Restore the file from a backup"
-                )
+        self._require_chunks(arr, chunks)
         try:
             return np.asarray(read())
         except Exception as err:  # zarr and its codecs raise many kinds on damaged chunks
@@ -455,6 +449,17 @@ class Project:
             raise ProjectError(
                 f"{where} is corrupted ({type(err).__name__}: {err}). Restore it from a backup"
             ) from err
+
+    def _require_chunks(self, arr: zarr.Array, chunks: Iterable[int]) -> None:
+        """Refuse when a chunk file of ``chunks`` is missing (zarr would read it as zeros)."""
+        step = arr.chunks[0]
+        for chunk in chunks:
+            file = self._chunk_file(arr, int(chunk))
+            if not file.is_file():
+                raise ProjectError(
+                    f"{file} is missing: crops {chunk * step}-{(chunk + 1) * step - 1} cannot "
+                    "be read (they would read as blank crops). Restore the file from a backup"
+                )
 
     def _chunk_file(self, arr: zarr.Array, chunk: int) -> Path:
         key = arr.metadata.encode_chunk_key((chunk, *(0,) * (arr.ndim - 1)))
@@ -566,6 +571,7 @@ class Project:
             str(self._inside("crops.zarr")), mode="r+", config={"write_empty_chunks": True}
         )
         self._inside("crops.zarr", "c")  # where the chunks go: refused if it leads out
+        self._require_chunks(arr, range(-(-start // arr.chunks[0])))  # nothing lost so far
         shared = range(start - start % arr.chunks[0], start)  # committed rows in the first chunk
         self._read(arr, shared, lambda: arr[shared.start : shared.stop])  # rewritten: must be sound
         pending = self._inside(".append.pending")
