@@ -39,6 +39,8 @@ def test_auto_latent_size_is_chosen_and_reported(project, capsys):
     out = capsys.readouterr().out
     dim = _stored_config(project)["latent_dim"]
     assert dim >= 16 and f"note: latent size {dim} chosen from the crops (auto)" in out
+    assert "warning: " in out  # one epoch of random crops: too few steps, said once ...
+    assert "UserWarning" not in capsys.readouterr().err  # ... not again as a Python warning
 
 
 def test_retraining_a_name_needs_overwrite_and_resume_refuses_other_settings(project, capsys):

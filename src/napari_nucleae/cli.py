@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -371,19 +372,22 @@ def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
         bar.bar.write(f"epoch {epoch}: train loss {train_loss:.5f}, validation loss {val_loss:.5f}")
 
     try:
-        result = train(
-            project,
-            config,
-            args.epochs,
-            name=args.name,
-            device=None if args.device == "auto" else args.device,
-            resume=resume,
-            overwrite=args.overwrite,
-            on_collapse=getattr(args, "on_collapse", COLLAPSE_ACTIONS[0]),  # demo: default
-            val_fraction=args.val_fraction,
-            progress=bar,
-            on_epoch=on_epoch,
-        )
+        with warnings.catch_warnings():
+            # the warnings reach the user once, as "warning:" lines below, not as Python warnings
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"napari_nucleae\.core")
+            result = train(
+                project,
+                config,
+                args.epochs,
+                name=args.name,
+                device=None if args.device == "auto" else args.device,
+                resume=resume,
+                overwrite=args.overwrite,
+                on_collapse=getattr(args, "on_collapse", COLLAPSE_ACTIONS[0]),  # demo: default
+                val_fraction=args.val_fraction,
+                progress=bar,
+                on_epoch=on_epoch,
+            )
     finally:
         bar.close()
     for note in result.notes:
