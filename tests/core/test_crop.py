@@ -162,8 +162,8 @@ def test_crop_size_suggestion_lets_the_measured_nuclei_fill_the_crop(synthetic):
     table = crop_nuclei(image, labels, CropParams(size=64)).table
     assert suggest_crop_size(table) == 32
     note = crop_size_note(table, 64)
-    assert "a crop size of 32 would let them fill the crop (this project uses 64)" in note
+    assert "crop size 32 would fill it with them (now 64)" in note
     assert crop_size_note(table, 32) is None and crop_size_note(table, 48) is None
     big = table.assign(bbox_y1=table["bbox_y0"] + 150)
-    assert suggest_crop_size(big) == 192 and "uses 64" in crop_size_note(big, 64)
+    assert suggest_crop_size(big) == 192 and "(now 64)" in crop_size_note(big, 64)
     assert suggest_crop_size(table.iloc[:0]) is None

@@ -119,7 +119,7 @@ def test_a_crop_size_the_nuclei_fill_is_suggested(make_napari_viewer, qtbot, syn
     widget.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)
     assert not widget.crop_hint.native.isHidden()
-    assert "a crop size of 32 would let them fill the crop" in widget.crop_hint.value
+    assert "crop size 32 would fill it with them" in widget.crop_hint.value
     widget.crop_size.value = 32
     widget.run_button.clicked.emit()
     qtbot.waitUntil(lambda: not widget.jobs.busy, timeout=TIMEOUT)

@@ -367,8 +367,8 @@ def crop_size_note(table: pd.DataFrame, crop_size: int) -> str | None:
         return None  # one step away: close enough
     extent = float(np.percentile(nucleus_extent(table), 95))
     return (
-        f"95 % of the nuclei are at most {extent:.0f} px across: a crop size of {suggested} "
-        f"would let them fill the crop (this project uses {crop_size})"
+        f"95 % of the nuclei are at most {extent:.0f} px across: crop size {suggested} would "
+        f"fill it with them (now {crop_size})"
     )
 
 

@@ -268,7 +268,7 @@ class SegmentWidget(Dock):
         """Suggest a crop size from the nuclei just measured (nothing when it fits)."""
         table = result.crops.table if result.crops is not None else None
         note = None if table is None else crop_size_note(table, self.crop_size.value)
-        self.crop_hint.value = f"Crop size: {note}." if note else ""
+        self.crop_hint.value = note or ""
         self.crop_hint.visible = bool(note)
 
     def _on_error(self, err: BaseException) -> None:
