@@ -26,7 +26,7 @@ from _report import report
 from napari_nucleae.core.embed import embed
 from napari_nucleae.core.model import LEGACY_SETTINGS, ModelConfig, build_model, select_device
 from napari_nucleae.core.store import CropParams, Project, from_storage
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 
 N_IMAGES = 8
 

@@ -37,7 +37,7 @@ from bench_autoencoder import synthetic_crops
 from napari_nucleae.core.embed import default_batch_size, embed
 from napari_nucleae.core.model import ModelConfig, load_model
 from napari_nucleae.core.store import CropParams, Project, from_storage
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 
 BLOCK = 10_000  # crops generated and appended at a time while building a project
 MODEL_CROPS = 2048

@@ -36,7 +36,7 @@ from napari_nucleae.core.ingest import IngestParams, ingest
 from napari_nucleae.core.model import LEGACY_SETTINGS, ModelConfig, load_model
 from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import PROBE_CROPS, TrainingError, output_spread, train
+from napari_nucleae.core.training import PROBE_CROPS, TrainingError, output_spread, train
 from napari_nucleae.sample import bbbc007_paths
 
 EPOCHS = 30  # the `nucleae train` default

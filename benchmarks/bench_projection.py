@@ -36,7 +36,7 @@ import numpy as np
 from _isolate import isolated
 from _report import report
 from bench_represent import make_latents
-from napari_nucleae.core.project import project_latents
+from napari_nucleae.core.projection import project_latents
 
 WARMUP_ROWS = 6000  # above 4096, where UMAP switches to (numba-compiled) NN-descent
 CHECK_ROWS = 20_000

@@ -41,7 +41,7 @@ def make_latents(
     """Seeded float32 latents and their cluster labels: Gaussian clusters of unequal spread in
     a ``rank``-dimensional subspace plus small isotropic noise, made a block at a time."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (clusters, rank)).astype(np.float32)
+    centers = rng.normal(0, 1, (clusters, rank)).astype(np.float32)
     scales = rng.uniform(0.2, 1.0, clusters).astype(np.float32)
     basis = rng.normal(0, 1, (rank, dim)).astype(np.float32)
     x = np.empty((n, dim), dtype=np.float32)
@@ -49,7 +49,7 @@ def make_latents(
     for start in range(0, n, BLOCK):
         rows = min(BLOCK, n - start)
         label = labels[start : start + rows]
-        z = centres[label] + scales[label, None] * rng.standard_normal((rows, rank), np.float32)
+        z = centers[label] + scales[label, None] * rng.standard_normal((rows, rank), np.float32)
         noise = rng.standard_normal((rows, dim), dtype=np.float32)
         x[start : start + rows] = z @ basis + np.float32(0.3) * noise
     return x, labels
@@ -105,7 +105,7 @@ def ours(n: int, dim: int, clusters: int, k: int) -> dict:
     seconds = time.perf_counter() - start
     table = result.table
     top = {m: table.loc[table["metric"] == m, "crop_index"].tolist() for m in METRICS}
-    y = result.centres[("all", "geomedian")]
+    y = result.centers[("all", "geomedian")]
     return {
         "seconds": seconds,
         "ready_rss_gb": ready / GB,

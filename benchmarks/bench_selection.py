@@ -36,7 +36,7 @@ from napari_nucleae.widgets._nuclei import (
     highlight_codes,
     palette_codes,
 )
-from napari_nucleae.widgets.explorer import rows_in_polygon
+from napari_nucleae.widgets._plots import rows_in_polygon
 
 PER_IMAGE = 10_000
 BLOCK = 10  # each nucleus is a BLOCK × BLOCK square: 10k nuclei on a 1000 × 1000 image

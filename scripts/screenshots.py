@@ -29,13 +29,13 @@ from napari_nucleae.core.ingest import IngestParams, add_to_project, process_ima
 from napari_nucleae.core.model import ModelConfig  # noqa: E402
 from napari_nucleae.core.segment import SegmentParams  # noqa: E402
 from napari_nucleae.core.store import CropParams, Project  # noqa: E402
-from napari_nucleae.core.train import train  # noqa: E402
+from napari_nucleae.core.training import train  # noqa: E402
 from napari_nucleae.sample import bbbc007_paths  # noqa: E402
 from napari_nucleae.widgets._nuclei import Picker  # noqa: E402
-from napari_nucleae.widgets.explore import ExploreWidget  # noqa: E402
-from napari_nucleae.widgets.explorer import ExplorerWidget  # noqa: E402
+from napari_nucleae.widgets.interpolate_search import InterpolateSearchWidget  # noqa: E402
+from napari_nucleae.widgets.latent_explorer import LatentExplorerWidget  # noqa: E402
 from napari_nucleae.widgets.outliers import OutliersWidget  # noqa: E402
-from napari_nucleae.widgets.represent import RepresentWidget  # noqa: E402
+from napari_nucleae.widgets.representatives import RepresentativesWidget  # noqa: E402
 from napari_nucleae.widgets.segment import SegmentWidget, features_table  # noqa: E402
 from napari_nucleae.widgets.train import TrainWidget  # noqa: E402
 
@@ -122,7 +122,7 @@ def main() -> None:
         return viewer.window.add_dock_widget(widget, name=title, area="right")
 
     # Latent explorer: UMAP coloured by cluster, a box selection, a clicked nucleus
-    explorer = ExplorerWidget(viewer)
+    explorer = LatentExplorerWidget(viewer)
     handle = dock(explorer, "Latent explorer")
     explorer.clusters.value = 6
     explorer.compute_button.clicked.emit()
@@ -149,7 +149,7 @@ def main() -> None:
     viewer.window.remove_dock_widget(handle)
 
     # Representatives per cluster
-    represent = RepresentWidget(viewer)
+    represent = RepresentativesWidget(viewer)
     handle = dock(represent, "Representatives")
     represent.scope.value = "cluster"
     represent.find_button.clicked.emit()
@@ -162,8 +162,8 @@ def main() -> None:
     viewer.window.remove_dock_widget(handle)
 
     # Explore: two clicked nuclei, interpolation and reverse search
-    explore = ExploreWidget(viewer)
-    handle = dock(explore, "Explore latent space")
+    explore = InterpolateSearchWidget(viewer)
+    handle = dock(explore, "Interpolate & search")
     for i in (first[3], first[-4]):
         Picker.of(viewer).pick_at(centroid(explorer, int(features["crop_index"].iat[i])))
     explore.interpolate_button.clicked.emit()

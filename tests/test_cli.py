@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ from napari_nucleae.cli import main
 from napari_nucleae.core.embed import embed
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 from napari_nucleae.sample import bbbc007_paths
 
 
@@ -127,3 +128,13 @@ def test_represent_export_to_an_unwritable_place_fails_cleanly(
     err = capsys.readouterr().err
     assert "Permission denied; choose a folder you can write to" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]
+
+
+def test_the_options_page_is_generated_from_the_parser():
+    """docs/cli-options.md lists the defaults the command uses (regenerate it with
+    ``python scripts/cli_reference.py`` after changing an option)."""
+    from napari_nucleae.cli import options_reference
+
+    page = Path(__file__).parents[1] / "docs" / "cli-options.md"
+    assert page.read_text(encoding="utf-8") == options_reference()
+    assert f"| `--crop-size` | {CropParams.size} |" in page.read_text(encoding="utf-8")

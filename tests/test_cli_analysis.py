@@ -13,7 +13,7 @@ from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.store import Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ from napari_nucleae.cli import main
 from napari_nucleae.core import store
 from napari_nucleae.core.embed import embed
 from napari_nucleae.core.errors import describe_os_error
+from napari_nucleae.core.export import FORMULA_STARTS, spreadsheet_safe
 from napari_nucleae.core.model import ModelConfig
-from napari_nucleae.core.represent import FORMULA_STARTS, spreadsheet_safe
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 from napari_nucleae.sample import bbbc007_paths
 
 INGEST = ["--method", "classical", "--crop-size", "32", "--workers", "2"]

@@ -12,11 +12,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .core.analysis import MapSettings
+from .core.centers import CENTERS, DEFAULT_CENTER
 from .core.crop import crop_size_note
 from .core.errors import NucleaeError, describe_os_error
+from .core.explore import INTERPOLATION_STEPS, METRICS, OUTLIER_PCT, SEARCH_K
 from .core.ingest import IngestParams, IngestSummary, expand_inputs, ingest, summary_line
+from .core.model import (
+    ARCHS,
+    AUTO,
+    DEFAULT_VARIANT,
+    DEVICES,
+    INITS,
+    SCHEDULES,
+    VARIANTS,
+    ModelConfig,
+    checkpoint_config,
+    checkpoint_file,
+    read_checkpoint,
+)
+from .core.projection import CLUSTER_METHODS, PROJECTIONS
+from .core.report import ReportOptions, write_report
+from .core.represent import TOP_K
 from .core.segment import METHODS, SegmentParams
-from .core.store import CropParams, Project
+from .core.store import NORMALIZATIONS, CropParams, Project
+from .core.training import COLLAPSE_ACTIONS, EPOCHS, MODEL_NAME, VAL_FRACTION, train
 
 
 class ProgressBar:
@@ -90,13 +110,13 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     seg.add_argument(
         "--method",
         choices=METHODS,
-        default="auto",
+        default=SegmentParams.method,
         help="cellpose, the classical scikit-image pipeline, or auto (cellpose, "
         "falling back to classical with a notice when its weights are missing)",
     )
     seg.add_argument(
         "--model",
-        default="default",
+        default=SegmentParams.model,
         help="cellpose model name (cpsam, nuclei, cyto3, ...) or a model file path",
     )
     seg.add_argument(
@@ -105,8 +125,10 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="nucleus diameter in pixels (default: automatic)",
     )
-    seg.add_argument("--flow-threshold", type=finite_float, default=0.4)
-    seg.add_argument("--cellprob-threshold", type=finite_float, default=0.0)
+    seg.add_argument("--flow-threshold", type=finite_float, default=SegmentParams.flow_threshold)
+    seg.add_argument(
+        "--cellprob-threshold", type=finite_float, default=SegmentParams.cellprob_threshold
+    )
     seg.add_argument(
         "--gpu",
         action=argparse.BooleanOptionalAction,
@@ -132,7 +154,7 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
         help="segment every plane of a 3-D image, even when its few planes differ like channels do",
     )
     crop = parser.add_argument_group("crops")
-    crop.add_argument("--crop-size", type=int, default=64, help="crop side in pixels")
+    crop.add_argument("--crop-size", type=int, default=CropParams.size, help="crop side in pixels")
     crop.add_argument(
         "--no-mask",
         dest="mask",
@@ -153,8 +175,8 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     )
     crop.add_argument(
         "--normalize",
-        choices=("image", "crop", "none"),
-        default="image",
+        choices=NORMALIZATIONS,
+        default=CropParams.normalize,
         help="percentile normalisation per image or per crop, or none",
     )
 
@@ -260,13 +282,11 @@ MODEL_OPTIONS = (
     ("--noise-std", "noise_std", "denoising: standard deviation of the added noise"),
 )
 AUTO_FIELDS = ("latent_dim", "n_blocks")
-DEFAULT_VARIANT = "ae"
+DEVICE_HELP = f"{', '.join(DEVICES)} or e.g. cuda:1 (auto: CUDA, then MPS, then CPU)"
 
 
 def auto_or_int(text: str) -> int:
     """``auto`` (0, chosen later) or a positive integer."""
-    from .core.model import AUTO
-
     if text == "auto":
         return AUTO
     value = int(text)
@@ -277,8 +297,6 @@ def auto_or_int(text: str) -> int:
 
 def _option_type(field_name: str, default: object) -> dict:
     """argparse keywords for one ModelConfig field."""
-    from .core.model import ARCHS, INITS, SCHEDULES
-
     choices = {"arch": ARCHS, "init": INITS, "schedule": SCHEDULES}
     if field_name in choices:
         return {"choices": choices[field_name]}
@@ -287,14 +305,12 @@ def _option_type(field_name: str, default: object) -> dict:
     return {"type": type(default)}
 
 
-def add_model_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Autoencoder options shared by ``train`` and ``demo``; defaults from ModelConfig.
 
     Every model option defaults to None (not given), so that a resumed run can tell the
     settings asked for from the stored ones."""
     from dataclasses import fields
-
-    from .core.model import AUTO, VARIANTS, ModelConfig
 
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     group = parser.add_argument_group("model")
@@ -304,7 +320,7 @@ def add_model_options(parser: argparse.ArgumentParser, epochs: int) -> None:
         default=None,
         help="ae (autoencoder), vae, denoising, or pca (linear baseline) (default: ae)",
     )
-    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument("--epochs", type=int, default=EPOCHS)
     for option, name, text in MODEL_OPTIONS:
         shown = "auto" if defaults[name] == AUTO and name in AUTO_FIELDS else defaults[name]
         group.add_argument(
@@ -321,12 +337,12 @@ def add_model_options(parser: argparse.ArgumentParser, epochs: int) -> None:
         help=f"flips, 90° rotations and intensity jitter while training "
         f"(default: {'on' if defaults['augment'] else 'off'})",
     )
-    group.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
-    group.add_argument("--name", default="default", help="model name inside the project")
+    group.add_argument("--device", default=DEVICES[0], help=DEVICE_HELP)
+    group.add_argument("--name", default=MODEL_NAME, help="model name inside the project")
     group.add_argument(
         "--val-fraction",
         type=float,
-        default=0.2,
+        default=VAL_FRACTION,
         help="share of source images held out for validation",
     )
 
@@ -339,8 +355,6 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 def model_config(args: argparse.Namespace, crop_size: int):
     """A model configuration from parsed arguments and the project's crop size."""
-    from .core.model import ModelConfig
-
     return ModelConfig(
         variant=args.variant or DEFAULT_VARIANT, crop_size=crop_size, **given_settings(args)
     )
@@ -350,8 +364,6 @@ def resume_config(project: Project, args: argparse.Namespace):
     """The stored settings of the model to resume, with the ones given on the command line
     (``train`` refuses to resume when they differ)."""
     from dataclasses import replace
-
-    from .core.model import checkpoint_config, checkpoint_file, read_checkpoint
 
     path = checkpoint_file(project.model_dir(args.name) / "last.pt")
     stored = checkpoint_config(read_checkpoint(path), path)
@@ -363,8 +375,6 @@ def resume_config(project: Project, args: argparse.Namespace):
 
 def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
     """Train a model on the project with a progress bar and per-epoch losses."""
-    from .core.train import COLLAPSE_ACTIONS, train
-
     config = resume_config(project, args) if resume else model_config(args, project.crop_size)
     bar = ProgressBar("train")
 
@@ -436,33 +446,24 @@ def cmd_project(args: argparse.Namespace) -> int:
     from .core import analysis
 
     project = Project.open(args.project)
+    settings = analysis.MapSettings(
+        method=args.method,
+        metric=args.metric,
+        components=tuple(args.components),
+        clustering=args.cluster_method if args.clusters else None,
+        n_clusters=args.clusters,
+        seed=args.seed,
+        parallel=args.parallel,
+        max_fit=args.max_fit,
+    )
     bar = ProgressBar("project")
     try:
-        columns = analysis.compute_projection(
-            project,
-            args.method,
-            metric=args.metric,
-            components=tuple(args.components),
-            model=args.model,
-            seed=None if args.parallel else args.seed,
-            max_fit=args.max_fit,
-            progress=bar,
-        )
+        found = analysis.map_latents(project, settings, model=args.model, progress=bar)
     finally:
         bar.close()
-    print(
-        f"{args.method} projection of {len(columns)} crops stored as {', '.join(columns.columns)}"
-    )
-    if args.clusters:
-        clusters = analysis.compute_clusters(
-            project,
-            args.cluster_method,
-            n_clusters=args.clusters,
-            metric=args.metric,
-            model=args.model,
-            seed=args.seed,
-        )
-        counts = clusters.value_counts().sort_index()
+    print(f"{args.method} projection of {len(project)} crops stored as {', '.join(found.columns)}")
+    if found.clusters is not None:
+        counts = found.clusters.value_counts().sort_index()
         print("clusters: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 0
 
@@ -548,8 +549,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def run_report(project: Project, out: Path, model: str | None, args: argparse.Namespace) -> Path:
     """Write the report folder and print where its index is."""
-    from .core.report import ReportOptions, write_report
-
     options = ReportOptions(
         projection=args.projection,
         n_clusters=args.clusters,
@@ -573,8 +572,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_report_options(parser: argparse.ArgumentParser) -> None:
     """Options of the report written by ``report`` and ``demo``."""
     group = parser.add_argument_group("report")
-    group.add_argument("--projection", choices=("umap", "tsne", "pca"), default="umap")
-    group.add_argument("--clusters", type=int, default=4, help="k-means clusters")
+    group.add_argument("--projection", choices=PROJECTIONS, default=ReportOptions.projection)
+    group.add_argument(
+        "--clusters", type=int, default=ReportOptions.n_clusters, help="k-means clusters"
+    )
     group.add_argument(
         "--store-columns",
         action="store_true",
@@ -609,11 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=positive_int, default=None, help="local worker threads")
     p.set_defaults(func=cmd_ingest)
 
-    from .core.train import COLLAPSE_ACTIONS
-
     p = sub.add_parser("train", help="train an autoencoder (or PCA baseline) on a project's crops")
     p.add_argument("--project", type=Path, required=True)
-    add_model_options(p, epochs=30)
+    add_model_options(p)
     p.add_argument("--resume", action="store_true", help="continue the named model's training")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing model of the same name"
@@ -634,19 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="model name in the project or a checkpoint path (default: active model)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=DEVICES[0], help=DEVICE_HELP)
     p.add_argument("--batch-size", dest="embed_batch_size", type=positive_int, default=None)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("project", help="2-D projection (and clusters) of the latents")
     p.add_argument("--project", type=Path, required=True)
-    p.add_argument("--method", choices=("umap", "tsne", "pca"), default="umap")
-    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument("--method", choices=PROJECTIONS, default=MapSettings.method)
+    p.add_argument("--metric", choices=METRICS, default=MapSettings.metric)
     p.add_argument(
         "--components",
         type=non_negative_int,
         nargs=2,
-        default=(0, 1),
+        default=MapSettings.components,
         metavar=("I", "J"),
         help="PCA: the pair of principal components to show",
     )
@@ -662,34 +661,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-fit",
         type=positive_int,
-        default=200_000,
+        default=MapSettings.max_fit,
         help="UMAP / t-SNE: past this many crops fit a random subsample of this size and place "
         "the rest on it",
     )
-    p.add_argument("--cluster-method", choices=("kmeans", "hdbscan"), default="kmeans")
+    p.add_argument("--cluster-method", choices=CLUSTER_METHODS, default=MapSettings.clustering)
     add_common_analysis(p)
     p.set_defaults(func=cmd_project)
 
     p = sub.add_parser("outliers", help="flag and list the reconstruction-MSE tails")
     p.add_argument("--project", type=Path, required=True)
-    p.add_argument("--low", type=percentage, default=1.0, help="lowest-MSE percentage to flag")
-    p.add_argument("--high", type=percentage, default=1.0, help="highest-MSE percentage to flag")
+    p.add_argument(
+        "--low", type=percentage, default=OUTLIER_PCT, help="lowest-MSE percentage to flag"
+    )
+    p.add_argument(
+        "--high", type=percentage, default=OUTLIER_PCT, help="highest-MSE percentage to flag"
+    )
     p.add_argument("--show", type=non_negative_int, default=10, help="rows to print per tail")
     p.set_defaults(func=cmd_outliers)
 
     p = sub.add_parser("represent", help="representative nuclei: decoded centres and nearest crops")
     p.add_argument("--project", type=Path, required=True)
-    p.add_argument(
-        "--center", nargs="+", choices=("mean", "median", "geomedian"), default=["geomedian"]
-    )
-    p.add_argument("--metric", nargs="+", choices=("euclidean", "cosine"), default=["euclidean"])
+    p.add_argument("--center", nargs="+", choices=CENTERS, default=[DEFAULT_CENTER])
+    p.add_argument("--metric", nargs="+", choices=METRICS, default=[METRICS[0]])
     p.add_argument(
         "--by",
         default=None,
         help="a table column to group by (e.g. cluster); default: all crops together",
     )
     p.add_argument(
-        "--top", type=positive_int, default=5, help="representatives per centre and metric"
+        "--top", type=positive_int, default=TOP_K, help="representatives per centre and metric"
     )
     p.add_argument("--stability", action="store_true", help="bootstrap stability of each choice")
     p.add_argument("--export", type=Path, default=None, help="folder for TIFF/PNG + CSV")
@@ -701,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=Path, required=True)
     p.add_argument("a", type=non_negative_int, help="first crop index")
     p.add_argument("b", type=non_negative_int, help="second crop index")
-    p.add_argument("--steps", type=positive_int, default=6)
+    p.add_argument("--steps", type=positive_int, default=INTERPOLATION_STEPS)
     p.add_argument("--out", type=Path, default=Path("interpolation.png"))
     add_common_analysis(p)
     p.set_defaults(func=cmd_interpolate)
@@ -709,15 +710,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="the crops most similar to a crop index or an image file")
     p.add_argument("--project", type=Path, required=True)
     p.add_argument("query", help="a crop index of the project, or a crop image file")
-    p.add_argument("-k", type=positive_int, default=10)
-    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument("-k", type=positive_int, default=SEARCH_K)
+    p.add_argument("--metric", choices=METRICS, default=METRICS[0])
     add_common_analysis(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in sample images")
     p.add_argument("--out", type=Path, default=Path("nucleae-demo"), help="output folder")
     add_ingest_options(p)
-    add_model_options(p, epochs=30)
+    add_model_options(p)
     add_report_options(p)
     p.set_defaults(crop_size=32)  # BBBC007 nuclei are 15–30 px across
     p.set_defaults(overwrite=True)  # a re-run replaces the demo's own model
@@ -736,6 +737,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_options(p)
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def options_reference() -> str:
+    """Markdown tables of every sub-command's options, defaults and choices (for the docs)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = [
+        "# Command options",
+        "",
+        "Generated from the `nucleae` parser by `scripts/cli_reference.py`: the defaults and",
+        "choices below are the ones the command uses. `nucleae COMMAND --help` shows the same.",
+    ]
+    for name, sub in commands.choices.items():
+        lines += ["", f"## `nucleae {name}`", "", sub.description or _help_of(commands, name), ""]
+        lines += ["| option | default | choices | meaning |", "|---|---|---|---|"]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            option = ", ".join(action.option_strings) or action.dest.upper()
+            default = "" if action.default in (None, argparse.SUPPRESS) else action.default
+            if isinstance(action, argparse._StoreFalseAction | argparse._StoreTrueAction):
+                default = ""
+            choices = " ".join(map(str, action.choices)) if action.choices else ""
+            cells = [f"`{option}`", _cell(default), choices, _cell(action.help or "")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _help_of(commands: argparse._SubParsersAction, name: str) -> str:
+    return next((a.help for a in commands._choices_actions if a.dest == name), "") or ""
+
+
+def _cell(value: object) -> str:
+    text = " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,7 +54,7 @@ def test_measurements_match_regionprops_on_non_sequential_labels(synthetic):
     np.testing.assert_allclose(ours["major_axis_length"], ref["axis_major_length"], rtol=1e-9)
 
 
-def test_crops_are_sized_centred_masked_and_match_the_table(synthetic):
+def test_crops_are_sized_centerd_masked_and_match_the_table(synthetic):
     image, labels = synthetic
     result = crop_nuclei(image, labels, CropParams(size=48))
     assert result.crops.shape == (labels.max(), 48, 48)

@@ -46,10 +46,10 @@ def split_nucleus() -> np.ndarray:
     return labels
 
 
-def window(array: np.ndarray, centre: tuple[float, float], size: int) -> np.ndarray:
+def window(array: np.ndarray, center: tuple[float, float], size: int) -> np.ndarray:
     """The ``size``×``size`` window centred on the pixel nearest ``centre`` (zero outside)."""
     padded = np.pad(array, size)
-    r, c = (int(np.rint(v)) - size // 2 + size for v in centre)
+    r, c = (int(np.rint(v)) - size // 2 + size for v in center)
     return padded[r : r + size, c : c + size]
 
 
@@ -60,7 +60,7 @@ def window(array: np.ndarray, centre: tuple[float, float], size: int) -> np.ndar
     skip_border=st.booleans(),
     mask=st.booleans(),
 )
-def test_unscaled_crops_are_the_windows_centred_on_each_nucleus(labels, size, skip_border, mask):
+def test_unscaled_crops_are_the_windows_centerd_on_each_nucleus(labels, size, skip_border, mask):
     present = [v for v in np.unique(labels) if v]
     # every pixel has its own value, so a crop shows exactly where it was taken from
     image = ((np.arange(labels.size) + 1) / (labels.size + 1)).reshape(labels.shape)
@@ -79,13 +79,13 @@ def test_unscaled_crops_are_the_windows_centred_on_each_nucleus(labels, size, sk
     assert result.measurements["cropped"].sum() == len(kept)
     for crop, row in zip(result.crops, result.table.itertuples(), strict=True):
         pixels = np.argwhere(labels == row.label)
-        centre = pixels.mean(axis=0)
-        np.testing.assert_allclose([row.centroid_y, row.centroid_x], centre)
+        center = pixels.mean(axis=0)
+        np.testing.assert_allclose([row.centroid_y, row.centroid_x], center)
         assert row.area == len(pixels)
-        r, c = np.rint(centre).astype(int)
-        expected = window(image.astype(np.float32), centre, size)
+        r, c = np.rint(center).astype(int)
+        expected = window(image.astype(np.float32), center, size)
         if mask:
-            expected = np.where(window(labels, centre, size) == row.label, expected, 0)
+            expected = np.where(window(labels, center, size) == row.label, expected, 0)
         np.testing.assert_array_equal(crop, expected)
         assert crop[size // 2, size // 2] == (
             image[r, c].astype(np.float32) if not mask or labels[r, c] == row.label else 0

@@ -13,7 +13,7 @@ from napari_nucleae.core.embed import default_batch_size, embed, read_latents
 from napari_nucleae.core.errors import InputError, NucleaeError, ProjectError
 from napari_nucleae.core.model import CheckpointError, ModelConfig, load_model
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 
 SMALL = {"n_blocks": 2, "base_filters": 8, "latent_dim": 16, "batch_size": 32, "min_steps": 0}
 

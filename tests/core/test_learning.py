@@ -17,7 +17,7 @@ from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.model import ModelConfig, load_model
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import (
+from napari_nucleae.core.training import (
     COLLAPSE_RATIO,
     MAX_RESTARTS,
     TrainingError,

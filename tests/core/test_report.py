@@ -9,12 +9,13 @@ from PIL import Image
 
 from napari_nucleae.cli import main
 from napari_nucleae.core import report as report_module
+from napari_nucleae.core.centers import geometric_median
 from napari_nucleae.core.embed import embed, read_latents
+from napari_nucleae.core.export import ExportExistsError, ExportWriteError
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.report import ReportOptions, write_report
-from napari_nucleae.core.represent import ExportExistsError, ExportWriteError, geometric_median
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 
 FAST = ReportOptions(projection="pca", n_clusters=3, gallery=4, top_k=3, steps=5)
 
@@ -124,8 +125,8 @@ def test_interpolation_joins_the_two_most_distant_clusters(written):
     latents = np.asarray(read_latents(embedded, "ae"))
     groups = sorted(table["report_cluster"].astype(str).unique())
     in_group = [table["report_cluster"].astype(str).to_numpy() == g for g in groups]
-    centres = np.stack([geometric_median(latents[m]) for m in in_group])
-    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    centers = np.stack([geometric_median(latents[m]) for m in in_group])
+    gaps = np.linalg.norm(centers[:, None] - centers[None], axis=-1)
     far = {groups[i] for i in np.unravel_index(np.argmax(gaps), gaps.shape)}
     firsts = chosen[chosen["rank"] == 1].astype({"group": str}).set_index("group")["crop_index"]
     a, b = sorted(int(firsts[g]) for g in far)

@@ -12,19 +12,16 @@ from PIL import Image
 from scipy.optimize import minimize
 from sklearn.datasets import load_digits
 
+from napari_nucleae.core.centers import as_rows, center, geometric_median
 from napari_nucleae.core.errors import InputError, NucleaeError
-from napari_nucleae.core.represent import (
+from napari_nucleae.core.explore import nearest
+from napari_nucleae.core.export import (
     ExportExistsError,
     ExportWriteError,
-    center,
     export_representatives,
-    geometric_median,
-    pixel_representatives,
-    rank_to_center,
-    representatives,
     safe_name,
-    stability,
 )
+from napari_nucleae.core.represent import pixel_representatives, representatives, stability
 
 
 def total_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -104,15 +101,15 @@ def test_median_and_mean_match_numpy_on_chunked_sources(n):
         center(x, "mode")
 
 
-def test_rank_to_center_matches_brute_force():
+def test_nearest_to_a_center_matches_brute_force():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(400, 6))
-    centre = center(x, "median")
-    idx, dist = rank_to_center(x, centre, "euclidean", k=8)
-    brute = np.argsort(np.linalg.norm(x - centre, axis=1))[:8]
+    point = center(x, "median")
+    idx, dist = nearest(as_rows(x), point, 8, "euclidean")
+    brute = np.argsort(np.linalg.norm(x - point, axis=1))[:8]
     np.testing.assert_array_equal(idx, brute)
-    idx, sim = rank_to_center(x, centre, "cosine", k=8)
-    cos = (x @ centre) / np.linalg.norm(x, axis=1) / np.linalg.norm(centre)
+    idx, sim = nearest(as_rows(x), point, 8, "cosine")
+    cos = (x @ point) / np.linalg.norm(x, axis=1) / np.linalg.norm(point)
     np.testing.assert_array_equal(idx, np.argsort(-cos)[:8])
     np.testing.assert_allclose(sim, cos[idx])
 
@@ -134,8 +131,8 @@ def test_representatives_per_group_use_only_that_group():
     assert set(table["group"]) == {"a", "b", "c"}  # None and the noise label are left out
     assert len(table) == 3 * 3 * 2 * 4
     assert (groups[table["crop_index"]] == table["group"]).all()
-    for (group, method), centre in result.centres.items():
-        np.testing.assert_allclose(centre, center(x[groups == group], method), rtol=1e-12)
+    for (group, method), point in result.centers.items():
+        np.testing.assert_allclose(point, center(x[groups == group], method), rtol=1e-12)
     kept = representatives(x, groups=groups, noise_label=None, centers=("mean",), k=2)
     assert set(kept.table["group"]) == {"a", "b", "c", -1}
 
@@ -150,9 +147,9 @@ def test_representatives_decode_theoretical_images_in_one_call():
 
     result = representatives(x, groups=groups, centers=("mean", "geomedian"), decode=decode)
     assert calls == [(6, 5)]
-    assert set(result.theoretical) == set(result.centres)
+    assert set(result.theoretical) == set(result.centers)
     image = result.theoretical[("b", "mean")]
-    np.testing.assert_allclose(image[:, 0], result.centres[("b", "mean")][:4], rtol=1e-6)
+    np.testing.assert_allclose(image[:, 0], result.centers[("b", "mean")][:4], rtol=1e-6)
 
 
 def test_representatives_without_groups_have_one_scope():
@@ -239,10 +236,10 @@ points = st.integers(2, 25).flatmap(
 
 @settings(max_examples=40, deadline=None, database=None)
 @given(points)
-def test_property_top1_euclidean_minimises_distance_to_each_centre(x):
+def test_property_top1_euclidean_minimises_distance_to_each_center(x):
     result = representatives(x, metrics=("euclidean",), k=1)
     for row in result.table.itertuples():
-        dist = np.linalg.norm(x - result.centres[("all", row.center)], axis=1)
+        dist = np.linalg.norm(x - result.centers[("all", row.center)], axis=1)
         assert dist[row.crop_index] <= dist.min() + 1e-9 * (1 + dist.max())
 
 
@@ -286,7 +283,7 @@ def export_inputs():
             "bbox_y0": np.zeros(60, int),
         }
     )
-    theoretical = {key: np.zeros((16, 16)) for key in result.centres}
+    theoretical = {key: np.zeros((16, 16)) for key in result.centers}
     return crops, result.table, provenance, theoretical
 
 

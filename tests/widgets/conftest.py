@@ -16,7 +16,7 @@ from napari_nucleae.core.ingest import IngestParams, add_to_project, process_lay
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
-from napari_nucleae.core.train import train
+from napari_nucleae.core.training import train
 from napari_nucleae.sample import synthetic_nuclei
 from napari_nucleae.widgets._settings import SETTINGS_ENV
 from napari_nucleae.widgets.segment import features_table

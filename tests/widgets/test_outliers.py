@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 
 from napari_nucleae.core.store import Project
-from napari_nucleae.widgets.outliers import OutliersWidget, cut_offs, extremes
+from napari_nucleae.widgets._plots import cut_offs
+from napari_nucleae.widgets.outliers import OutliersWidget, extremes
 
 
 def test_percentiles_flag_the_right_rows_and_show_them(
@@ -66,7 +67,7 @@ def test_cut_offs_and_extremes():
     np.testing.assert_array_equal(extremes(mse, flags, "low", 0), [])
 
 
-def test_the_clusters_plotter_colours_by_our_text_categories(
+def test_the_clusters_plotter_colors_by_our_text_categories(
     make_napari_viewer, qtbot, analysed, show_project
 ):
     from napari_clusters_plotter import PlotterWidget
@@ -83,8 +84,8 @@ def test_the_clusters_plotter_colours_by_our_text_categories(
     assert "outlier" in plotter.categorical_columns
     plotter.x_axis, plotter.y_axis, plotter.hue_axis = "mse", "area", "outlier"
     plotter._replot()  # raised inside its plotting library for text categories
-    colours = np.asarray(plotter.plotting_widget.active_artist.color_indices)
+    colors = np.asarray(plotter.plotting_widget.active_artist.color_indices)
     flags = layer.features["outlier"]
-    assert len(colours) == len(flags)
+    assert len(colors) == len(flags)
     for code in range(3):
-        assert len(set(colours[np.asarray(flags == code)])) == 1
+        assert len(set(colors[np.asarray(flags == code)])) == 1

@@ -11,7 +11,7 @@ from napari_nucleae.core.segment import SegmentParams
 from napari_nucleae.core.store import CropParams, Project
 from napari_nucleae.reader import get_reader
 from napari_nucleae.widgets._nuclei import Picker
-from napari_nucleae.widgets.explorer import ExplorerWidget
+from napari_nucleae.widgets.latent_explorer import LatentExplorerWidget
 
 
 def test_reader_only_claims_project_folders(tmp_path, analysed):
@@ -85,7 +85,7 @@ def test_reopened_project_restores_images_labels_and_analysis(
     assert nuclei.metadata["nucleae"]["image_id"] == "img"
 
     # the analysis widgets link the reopened labels: box -> highlighted nuclei, click -> mark
-    widget = ExplorerWidget(viewer)
+    widget = LatentExplorerWidget(viewer)
     assert widget.columns == ("PC_0", "PC_1")
     rows = widget.plot.select_box(0, 0, 128, 256)
     highlight = viewer.layers["nuclei nuclei [selection]"]
@@ -111,7 +111,7 @@ def test_projects_without_stored_labels_reopen_as_centroid_points(
     assert points.features["label"].tolist() == table["label"].tolist()
     np.testing.assert_allclose(points.features["mse"], table["mse"])
     assert points.metadata["nucleae"] == {"image_id": "img", "project": str(project.path)}
-    widget = ExplorerWidget(viewer)
+    widget = LatentExplorerWidget(viewer)
     rows = widget.plot.select_box(0, 0, 128, 256)
     np.testing.assert_allclose(viewer.layers["nuclei nuclei [selection]"].data, points.data[rows])
 

@@ -4,9 +4,9 @@ import numpy as np
 
 from napari_nucleae.widgets._session import Session
 from napari_nucleae.widgets._settings import load_settings
-from napari_nucleae.widgets.explorer import ExplorerWidget
+from napari_nucleae.widgets.latent_explorer import LatentExplorerWidget
 from napari_nucleae.widgets.outliers import OutliersWidget
-from napari_nucleae.widgets.represent import RepresentWidget
+from napari_nucleae.widgets.representatives import RepresentativesWidget
 from napari_nucleae.widgets.segment import SegmentWidget
 from napari_nucleae.widgets.train import TrainWidget
 
@@ -18,8 +18,8 @@ def test_widgets_share_the_project_table_and_model(
 ):
     viewer = make_napari_viewer()
     show_project(viewer, analysed)
-    represent, train = RepresentWidget(viewer), TrainWidget(viewer)
-    explorer, outliers = ExplorerWidget(viewer), OutliersWidget(viewer)
+    represent, train = RepresentativesWidget(viewer), TrainWidget(viewer)
+    explorer, outliers = LatentExplorerWidget(viewer), OutliersWidget(viewer)
     session = Session.of(viewer)
     assert session is Session.of(viewer) and session.path == analysed.path.resolve()
     assert str(train.project.value) == str(analysed.path.resolve())  # prefilled
@@ -39,7 +39,7 @@ def test_widgets_share_the_project_table_and_model(
 
 def test_a_project_chosen_in_one_widget_reaches_the_others(make_napari_viewer, analysed):
     viewer = make_napari_viewer()
-    outliers, represent = OutliersWidget(viewer), RepresentWidget(viewer)
+    outliers, represent = OutliersWidget(viewer), RepresentativesWidget(viewer)
     assert outliers.table is None
     represent.project.value = analysed.path
     assert str(outliers.project.value) == str(analysed.path.resolve())

@@ -2,7 +2,7 @@ import json
 
 from napari_nucleae.core.model import ModelConfig
 from napari_nucleae.widgets._settings import load_settings, settings_file
-from napari_nucleae.widgets.explore import ExploreWidget
+from napari_nucleae.widgets.interpolate_search import InterpolateSearchWidget
 from napari_nucleae.widgets.outliers import OutliersWidget
 from napari_nucleae.widgets.segment import SegmentWidget
 from napari_nucleae.widgets.train import TrainWidget
@@ -30,14 +30,14 @@ def test_each_widget_keeps_its_own_parameters_and_skips_picks(make_napari_viewer
     viewer = make_napari_viewer()
     outliers = OutliersWidget(viewer)
     outliers.high.value = 5.0
-    explore = ExploreWidget(viewer)
+    explore = InterpolateSearchWidget(viewer)
     explore.steps.value = 9
     explore.crop_a.value = 3
     stored = load_settings()
     assert stored["outliers"]["high"] == 5.0
     assert "crop_a" not in stored["explore"] and stored["explore"]["steps"] == 9
     assert OutliersWidget(viewer).high.value == 5.0
-    assert ExploreWidget(viewer).crop_a.value == 0
+    assert InterpolateSearchWidget(viewer).crop_a.value == 0
     segment = SegmentWidget(viewer)
     segment.crop_size.value, segment.method.value, segment.mask.value = 96, "classical", False
     segment.project.value = "/data/experiment-1"

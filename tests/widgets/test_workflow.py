@@ -8,9 +8,9 @@ import pandas as pd
 
 from napari_nucleae.core.store import Project
 from napari_nucleae.widgets._nuclei import Picker
-from napari_nucleae.widgets.explorer import ExplorerWidget
+from napari_nucleae.widgets.latent_explorer import LatentExplorerWidget
 from napari_nucleae.widgets.outliers import OutliersWidget
-from napari_nucleae.widgets.represent import RepresentWidget
+from napari_nucleae.widgets.representatives import RepresentativesWidget
 from napari_nucleae.widgets.segment import SegmentWidget
 from napari_nucleae.widgets.train import TrainWidget
 
@@ -58,7 +58,7 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     np.testing.assert_allclose(cropped["mse"], mse[cropped["crop_index"].astype(int)], rtol=1e-6)
 
     # map: PCA with 3 clusters; a box over the left half highlights exactly those nuclei
-    explorer = _dock(viewer, ExplorerWidget(viewer))
+    explorer = _dock(viewer, LatentExplorerWidget(viewer))
     assert str(explorer.project.value) == str(folder)  # prefilled from the Labels layer
     explorer.projection.value, explorer.clusters.value = "PCA", 3
     _finish(qtbot, explorer, explorer.compute_button)
@@ -84,7 +84,7 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     assert visible_labels(viewer.layers[f"{nuclei.name} [outliers]"], nuclei) == flagged
 
     # representatives per cluster, one click, then export
-    represent = _dock(viewer, RepresentWidget(viewer))
+    represent = _dock(viewer, RepresentativesWidget(viewer))
     represent.scope.value = "cluster"
     represent.k.value = 2
     _finish(qtbot, represent, represent.find_button)
@@ -109,5 +109,5 @@ def test_the_whole_workflow_on_the_sample(make_napari_viewer, qtbot, tmp_path, v
     np.testing.assert_allclose(by_label["PC_0"], final["PC_0"])
     names = restored.metadata["nucleae"]["categories"]["outlier"]
     assert [names[c] for c in by_label["outlier"]] == list(final["outlier"])
-    reopened = _dock(again, ExplorerWidget(again))
+    reopened = _dock(again, LatentExplorerWidget(again))
     assert reopened.columns == ("PC_0", "PC_1") and len(reopened.table) == len(final)

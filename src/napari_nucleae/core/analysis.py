@@ -6,30 +6,38 @@ This is the one layer the CLI, the report and the dock widgets call, so they sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .crop import MEASUREMENT_COLUMNS, plane_percentiles
+from .centers import CENTERS
+from .crop import PROVENANCE_COLUMNS, plane_percentiles
 from .embed import read_latents, resolve_model
 from .errors import InputError
-from .explore import interpolation_strip, nearest, outlier_flags
-from .model import LoadedModel
-from .project import as_feature_columns, cluster_latents, project_latents
-from .represent import (
-    CENTERS,
-    RepresentativeSet,
-    export_representatives,
-    pixel_representatives,
-    representatives,
+from .explore import (
+    INTERPOLATION_STEPS,
+    METRICS,
+    OUTLIER_PCT,
+    SEARCH_K,
+    interpolation_strip,
+    nearest,
+    outlier_flags,
 )
-from .segment import Progress
+from .export import export_representatives
+from .model import LoadedModel
+from .progress import Progress, ShouldStop
+from .projection import (
+    CLUSTER_NAMES,
+    MAX_FIT,
+    as_feature_columns,
+    cluster_latents,
+    project_latents,
+)
+from .represent import TOP_K, RepresentativeSet, pixel_representatives, representatives
 from .store import Project
-
-PROVENANCE = ["crop_index", "image_id", "image_path", *MEASUREMENT_COLUMNS[:9]]  # ... area
 
 
 @dataclass
@@ -47,21 +55,91 @@ def latents_of(project: Project, model: str | None = None) -> np.ndarray:
     return np.asarray(read_latents(project, model), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class MapSettings:
+    """How :func:`map_latents` maps the latents to 2-D and clusters them: the one source of
+    these defaults for the CLI, the Latent explorer and the report."""
+
+    method: str = "umap"  # one of projection.PROJECTIONS
+    metric: str = "euclidean"
+    components: tuple[int, int] = (0, 1)  # PCA: the pair of principal components shown
+    clustering: str | None = "kmeans"  # one of projection.CLUSTER_METHODS, or None
+    n_clusters: int = 8
+    min_cluster_size: int = 15  # HDBSCAN
+    seed: int = 0
+    parallel: bool = False  # UMAP / t-SNE on all cores: faster, not bit-reproducible
+    max_fit: int = MAX_FIT
+    cluster_column: str = "cluster"
+
+
+@dataclass(frozen=True)
+class LatentMap:
+    """The feature columns :func:`map_latents` stored."""
+
+    columns: tuple[str, str]  # x, y
+    clusters: pd.Categorical | None
+
+
+def map_latents(
+    project: Project,
+    settings: MapSettings = MapSettings(),
+    *,
+    model: str | None = None,
+    latents: np.ndarray | None = None,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> LatentMap:
+    """Project the latents to 2-D, then cluster them (unless ``settings.clustering`` is
+    None); both are stored as project features. ``latents``: the model's latents when the
+    caller has them already."""
+    s = settings
+    columns = compute_projection(
+        project,
+        s.method,
+        metric=s.metric,
+        components=s.components,
+        model=model,
+        seed=None if s.parallel else s.seed,
+        max_fit=s.max_fit,
+        progress=progress,
+        latents=latents,
+    )
+    if s.clustering is None:
+        return LatentMap(tuple(columns.columns), None)
+    if should_stop is not None and should_stop():
+        raise InterruptedError("stopped after the projection; clusters were not updated")
+    if progress is not None:
+        progress(0, 0, f"{CLUSTER_NAMES.get(s.clustering, s.clustering)} clustering")
+    clusters = compute_clusters(
+        project,
+        s.clustering,
+        n_clusters=max(1, min(s.n_clusters, len(project))),
+        min_cluster_size=s.min_cluster_size,
+        metric=s.metric,
+        model=model,
+        seed=s.seed,
+        column=s.cluster_column,
+        latents=latents,
+    )
+    return LatentMap(tuple(columns.columns), clusters)
+
+
 def compute_projection(
     project: Project,
-    method: str = "umap",
+    method: str = MapSettings.method,
     *,
-    metric: str = "euclidean",
-    components: tuple[int, int] = (0, 1),
+    metric: str = MapSettings.metric,
+    components: tuple[int, int] = MapSettings.components,
     model: str | None = None,
     seed: int | None = 0,
     progress: Progress | None = None,
+    latents: np.ndarray | None = None,
     **options,
 ) -> pd.DataFrame:
     """Project the latents to 2-D and store the two columns as project features
     (``seed=None``: UMAP and t-SNE on all cores, not bit-reproducible)."""
     coords = project_latents(
-        latents_of(project, model),
+        latents_of(project, model) if latents is None else latents,
         method,
         metric=metric,
         components=components,
@@ -78,17 +156,18 @@ def compute_clusters(
     project: Project,
     method: str = "kmeans",
     *,
-    n_clusters: int = 8,
-    min_cluster_size: int = 15,
-    metric: str = "euclidean",
+    n_clusters: int = MapSettings.n_clusters,
+    min_cluster_size: int = MapSettings.min_cluster_size,
+    metric: str = MapSettings.metric,
     model: str | None = None,
     seed: int = 0,
     column: str = "cluster",
+    latents: np.ndarray | None = None,
 ) -> pd.Categorical:
     """Cluster the latents (k-means, or HDBSCAN with -1 for noise) and store them as the
     categorical feature ``column``."""
     labels = cluster_latents(
-        latents_of(project, model),
+        latents_of(project, model) if latents is None else latents,
         method,
         n_clusters=n_clusters,
         min_cluster_size=min_cluster_size,
@@ -101,7 +180,11 @@ def compute_clusters(
 
 
 def flag_outliers(
-    project: Project, low_pct: float = 1.0, high_pct: float = 1.0, *, column: str = "outlier"
+    project: Project,
+    low_pct: float = OUTLIER_PCT,
+    high_pct: float = OUTLIER_PCT,
+    *,
+    column: str = "outlier",
 ) -> pd.Categorical:
     """Flag the lowest/highest reconstruction-MSE crops and store them as the feature
     ``column`` (low / normal / high)."""
@@ -129,22 +212,23 @@ def find_representatives(
     project: Project,
     *,
     centers: Sequence[str] = CENTERS,
-    metrics: Sequence[str] = ("euclidean", "cosine"),
-    k: int = 5,
+    metrics: Sequence[str] = METRICS,
+    k: int = TOP_K,
     by: str | None = None,
     model: str | LoadedModel | None = None,
     stability: bool = False,
     pixel_baseline: bool = True,
     seed: int = 0,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
+    latents: np.ndarray | None = None,
 ) -> Representatives:
     """Theoretical (decoded centres) and practical (nearest real crops) representatives,
     globally or per group of ``by``, plus the pixel-space baseline (``should_stop`` is
-    polled between scopes)."""
+    polled between scopes; ``latents``: the model's, when the caller has them already)."""
     loaded = resolve_model(project, model, None)
     groups = group_column(project, by)
     latent = representatives(
-        latents_of(project, loaded.name),
+        latents_of(project, loaded.name) if latents is None else latents,
         centers=centers,
         metrics=metrics,
         k=k,
@@ -173,7 +257,7 @@ def export(
 ) -> list[Path]:
     """Write the chosen crops (TIFF + PNG), a montage and a CSV with provenance."""
     table = project.table()
-    provenance = table[[c for c in PROVENANCE if c in table]]
+    provenance = table[[c for c in PROVENANCE_COLUMNS if c in table]]
     return export_representatives(
         chosen.table,
         project.read_crops,
@@ -185,11 +269,16 @@ def export(
 
 
 def interpolate_crops(
-    project: Project, a: int, b: int, steps: int = 6, model: str | None = None
+    project: Project,
+    a: int,
+    b: int,
+    steps: int = INTERPOLATION_STEPS,
+    model: str | LoadedModel | None = None,
+    latents: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decoded images along the straight latent path from crop ``a`` to crop ``b``."""
     loaded = resolve_model(project, model, None)
-    latents = read_latents(project, loaded.name)
+    latents = read_latents(project, loaded.name) if latents is None else latents
     _check_index(project, a, b)
     return interpolation_strip(np.asarray(latents[a]), np.asarray(latents[b]), loaded.decode, steps)
 
@@ -198,7 +287,7 @@ def search_similar(
     project: Project,
     query: int | np.ndarray,
     *,
-    k: int = 10,
+    k: int = SEARCH_K,
     metric: str = "euclidean",
     model: str | None = None,
 ) -> pd.DataFrame:
@@ -213,7 +302,7 @@ def search_similar(
         vector = loaded.encode(query_crop(project, query)[np.newaxis])[0]
     index, score = nearest(latents, vector, k=k, metric=metric, exclude=exclude)
     table = project.table()
-    found = table.iloc[index][[c for c in PROVENANCE if c in table]]
+    found = table.iloc[index][[c for c in PROVENANCE_COLUMNS if c in table]]
     return found.assign(score=score, rank=np.arange(1, len(index) + 1)).reset_index(drop=True)
 
 

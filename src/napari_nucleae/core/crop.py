@@ -40,6 +40,12 @@ MEASUREMENT_COLUMNS = [
     "major_axis_length",
     "touches_border",
 ]
+IDENTITY_COLUMNS = ("crop_index", "image_id", "image_path", "plane", "label")  # which nucleus
+# what an export names for each crop: where it comes from, where it lies, how large it is
+PROVENANCE_COLUMNS = (
+    *IDENTITY_COLUMNS,
+    *MEASUREMENT_COLUMNS[2 : MEASUREMENT_COLUMNS.index("area") + 1],
+)
 
 
 @dataclass
@@ -225,7 +231,7 @@ def gather_windows(plane: np.ndarray, corners: np.ndarray, size: int) -> np.ndar
 def sample_rotated(
     plane: np.ndarray,
     labels: np.ndarray,
-    centres: np.ndarray,
+    centers: np.ndarray,
     angles: np.ndarray,
     scales: np.ndarray,
     size: int,
@@ -238,8 +244,8 @@ def sample_rotated(
     cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
     s = scales[:, None, None]
     # crop columns run along (cos, sin) in (row, col) image coordinates; rows along (sin, -cos)
-    rows = centres[:, 0, None, None] + s * (u * sin + v * cos)
-    cols = centres[:, 1, None, None] + s * (-u * cos + v * sin)
+    rows = centers[:, 0, None, None] + s * (u * sin + v * cos)
+    cols = centers[:, 1, None, None] + s * (-u * cos + v * sin)
     coords = np.stack([rows, cols])
     image = ndi.map_coordinates(plane, coords, order=1, mode="constant", cval=0.0)
     lab = ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
@@ -256,7 +262,7 @@ def crop_plane(
     """
     size = params.size
     norm = normalize_plane(plane, params)
-    centres = measurements[["centroid_y", "centroid_x"]].to_numpy(np.float64)
+    centers = measurements[["centroid_y", "centroid_x"]].to_numpy(np.float64)
     n = len(measurements)
     angles = measurements["orientation"].to_numpy(np.float64) if params.align else np.zeros(n)
     scales = np.ones(n)
@@ -274,7 +280,7 @@ def crop_plane(
     resampled = np.flatnonzero((angles != 0) | (scales != 1))
     out = np.empty((n, size, size), dtype=np.float32)
     if len(simple):
-        corners = np.rint(centres[simple]).astype(np.int64) - size // 2
+        corners = np.rint(centers[simple]).astype(np.int64) - size // 2
         for start in range(0, len(simple), BATCH):
             part = simple[start : start + BATCH]
             rows = corners[start : start + BATCH]
@@ -283,7 +289,7 @@ def crop_plane(
     for start in range(0, len(resampled), BATCH):
         part = resampled[start : start + BATCH]
         windows, window_labels = sample_rotated(
-            norm, labels, centres[part], angles[part], scales[part], size
+            norm, labels, centers[part], angles[part], scales[part], size
         )
         out[part] = _finish(windows, window_labels, ids[part], params)
     return out

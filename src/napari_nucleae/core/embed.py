@@ -8,8 +8,6 @@ or failed run leaves the previous latents untouched.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +16,12 @@ import pandas as pd
 import torch
 import zarr
 
+from .data import read_ahead
 from .errors import NucleaeError, ProjectError
 from .model import CheckpointError, LoadedModel, load_model
+from .progress import Progress, ShouldStop
+from .staging import staged
 from .store import Project
-from .train import Progress, read_ahead
 
 
 @dataclass
@@ -99,7 +99,7 @@ def embed(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> EmbedResult:
     """Encode every crop: latents to ``latents/<model>.zarr``, MSE to the ``mse`` feature."""
     loaded = resolve_model(project, model, device)
@@ -110,48 +110,38 @@ def embed(
     chunk = int(project.crops.chunks[0])  # latents are chunked like the crops
     rows = chunk * -(-batch_size // chunk)  # whole chunks, at least one batch
     final = project.latents_path(loaded.name)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out = zarr.open_array(
-        str(tmp),
-        mode="w",
-        shape=(n, dim),
-        chunks=(chunk, dim),
-        dtype="float32",
-        config={"write_empty_chunks": True},  # every chunk on disk: a lost one is noticed
-    )
     mse = np.empty(n, np.float32)
     try:
-        blocks = read_ahead(
-            lambda start: (start, project.read_crops(slice(start, start + rows))),
-            range(0, n, rows),
-        )
-        for start, crops in blocks:
-            if should_stop is not None and should_stop():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return EmbedResult(loaded.name, final, n, dim, None, True, batch_size)
-            latents, errors, batch_size = _run_block(loaded, crops, batch_size)
-            out[start : start + len(crops)] = latents
-            mse[start : start + len(crops)] = errors
-            if progress is not None:
-                progress(start + len(crops), n, f"embedding with {loaded.name}")
-        out.attrs.update({"model": loaded.name, "epoch": loaded.epoch, "n_crops": n})
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(final) as staging:
+            out = zarr.open_array(
+                str(staging),
+                mode="w",
+                shape=(n, dim),
+                chunks=(chunk, dim),
+                dtype="float32",
+                config={"write_empty_chunks": True},  # every chunk on disk: a lost one is noticed
+            )
+            blocks = read_ahead(
+                lambda start: (start, project.read_crops(slice(start, start + rows))),
+                range(0, n, rows),
+            )
+            for start, crops in blocks:
+                if should_stop is not None and should_stop():
+                    raise _Stopped
+                latents, errors, batch_size = _run_block(loaded, crops, batch_size)
+                out[start : start + len(crops)] = latents
+                mse[start : start + len(crops)] = errors
+                if progress is not None:
+                    progress(start + len(crops), n, f"embedding with {loaded.name}")
+            out.attrs.update({"model": loaded.name, "epoch": loaded.epoch, "n_crops": n})
+    except _Stopped:
+        return EmbedResult(loaded.name, final, n, dim, None, True, batch_size)
     project.write_features(pd.DataFrame({"mse": mse}))
     return EmbedResult(loaded.name, final, n, dim, mse, False, batch_size)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, removing the old ``target`` only after the move."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+class _Stopped(Exception):
+    """Embedding was stopped: the staged latents are dropped, the previous ones kept."""
 
 
 def read_latents(project: Project, name: str | None = None) -> zarr.Array:

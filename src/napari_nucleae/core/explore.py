@@ -18,19 +18,23 @@ from .errors import InputError
 Metric = Literal["euclidean", "cosine"]
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
 OUTLIER_CATEGORIES = ["low", "normal", "high"]
-CHUNK_BYTES = 32 * 1024 * 1024
+OUTLIER_PCT = 1.0  # percentage of crops flagged in each MSE tail
+INTERPOLATION_STEPS = 8
+SEARCH_K = 10  # crops a reverse search returns
+BLOCK_BYTES = 32 * 1024 * 1024
 
 
-# ---------------------------------------------------------------------------- chunked reading
-def chunk_rows(n_cols: int, itemsize: int = 8, budget: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so that one float64 chunk of ``n_cols`` columns uses about ``budget``."""
+# ---------------------------------------------------------------------------- reading in row blocks
+def block_rows(n_cols: int, itemsize: int = 8, budget: int = BLOCK_BYTES) -> int:
+    """Rows per in-memory block so that one float64 block of ``n_cols`` columns uses about
+    ``budget`` (not the zarr chunks of the store: see :func:`.store.chunk_rows`)."""
     return max(1, budget // max(1, n_cols * itemsize))
 
 
 def iter_chunks(array: Any, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, block)`` row blocks of a 2-D array-like as NumPy arrays."""
     n, d = array.shape
-    rows = rows or chunk_rows(d)
+    rows = rows or block_rows(d)
     for start in range(0, n, rows):
         yield start, np.asarray(array[start : start + rows])
 
@@ -55,7 +59,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- outliers
-def outlier_flags(mse: np.ndarray, low_pct: float = 1.0, high_pct: float = 1.0) -> pd.Categorical:
+def outlier_flags(
+    mse: np.ndarray, low_pct: float = OUTLIER_PCT, high_pct: float = OUTLIER_PCT
+) -> pd.Categorical:
     """Flag the ``low_pct`` % lowest and ``high_pct`` % highest reconstruction errors.
 
     Flags are assigned by rank, so exactly ``round(n * pct / 100)`` crops are flagged at each
@@ -90,7 +96,7 @@ def rank_outliers(mse: np.ndarray, k: int, tail: Literal["high", "low"] = "high"
 
 
 # ---------------------------------------------------------------------------- interpolation
-def interpolate(z_a: np.ndarray, z_b: np.ndarray, steps: int = 6) -> np.ndarray:
+def interpolate(z_a: np.ndarray, z_b: np.ndarray, steps: int = INTERPOLATION_STEPS) -> np.ndarray:
     """Convex combinations ``(1 - t) z_a + t z_b`` for ``t`` evenly spaced from 0 to 1."""
     z_a, z_b = np.asarray(z_a), np.asarray(z_b)
     if z_a.ndim != 1 or z_a.shape != z_b.shape:
@@ -106,7 +112,7 @@ def interpolation_strip(
     z_a: np.ndarray,
     z_b: np.ndarray,
     decode: Callable[[np.ndarray], np.ndarray],
-    steps: int = 6,
+    steps: int = INTERPOLATION_STEPS,
 ) -> np.ndarray:
     """Decoded images ``(steps, S, S)`` along the straight line from ``z_a`` to ``z_b``."""
     images = np.asarray(decode(interpolate(z_a, z_b, steps)))
@@ -119,7 +125,7 @@ def interpolation_strip(
 def nearest(
     latents: Any,
     query: np.ndarray,
-    k: int = 10,
+    k: int = SEARCH_K,
     metric: Metric = "euclidean",
     exclude: np.ndarray | list[int] | None = None,
     *,
@@ -151,7 +157,7 @@ def nearest(
     best_cost = np.empty((len(q), 0))
     best_idx = np.empty((len(q), 0), dtype=np.int64)
     if k:
-        rows = rows or chunk_rows(d + len(q))
+        rows = rows or block_rows(d + len(q))
         buffer = np.empty((min(rows, n), d))
         for start, block in iter_chunks(latents, rows):
             x = buffer[: len(block)]

@@ -18,14 +18,8 @@ import pandas as pd
 from .arrays import as_array, plane_indices, read_plane
 from .crop import CropResult, crop_nuclei
 from .errors import InputError, NoNucleiError, NucleaeError
-from .segment import (
-    Progress,
-    Segmentation,
-    SegmentParams,
-    ShouldStop,
-    prepare_planes,
-    segment_planes,
-)
+from .progress import Progress, ShouldStop
+from .segment import Segmentation, SegmentParams, prepare_planes, segment_planes
 from .store import CropParams, Project
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")

@@ -44,6 +44,8 @@ def check_model_name(name: object) -> str:
 
 
 ARCHS = ("norm", "reference")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # "auto": CUDA, then MPS, then CPU
+DEFAULT_VARIANT = VARIANTS[0]
 INITS = ("kaiming", "torch")
 SCHEDULES = ("warmup-cosine", "constant")
 AUTO = 0  # n_blocks / latent_dim: chosen from the crop size / the data

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +25,24 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from . import analysis
+from .analysis import MapSettings
+from .centers import CENTERS
 from .embed import resolve_model
 from .errors import InputError, NucleaeError
-from .explore import latent_histograms, rank_outliers, sample_rows
+from .explore import (
+    INTERPOLATION_STEPS,
+    METRICS,
+    OUTLIER_PCT,
+    latent_histograms,
+    rank_outliers,
+    sample_rows,
+)
+from .export import ExportExistsError, write_error
 from .model import LoadedModel
-from .represent import CENTERS, ExportExistsError, RepresentativeSet, write_error
-from .segment import Progress
+from .progress import Progress
+from .projection import PROJECTION_NAMES
+from .represent import TOP_K, RepresentativeSet
+from .staging import staged
 from .store import Project
 
 MARKER = "report.json"
@@ -44,15 +54,15 @@ REPORT_PREFIX = "report_"
 class ReportOptions:
     """What the report computes; the defaults suit a few hundred to a million crops."""
 
-    projection: str = "umap"
-    metric: str = "euclidean"
-    n_clusters: int = 4
-    outlier_pct: float = 1.0
+    projection: str = MapSettings.method
+    metric: str = MapSettings.metric
+    n_clusters: int = 4  # a few clusters a reader can compare, fewer than the explorer's
+    outlier_pct: float = OUTLIER_PCT
     gallery: int = 8
-    top_k: int = 5
+    top_k: int = TOP_K
     centers: tuple[str, ...] = CENTERS
-    metrics: tuple[str, ...] = ("euclidean", "cosine")
-    steps: int = 8
+    metrics: tuple[str, ...] = METRICS
+    steps: int = INTERPOLATION_STEPS
     histogram_dims: int = 16
     seed: int = 0
     store_columns: bool = False  # True: store as the user's "cluster" / "outlier" columns
@@ -104,26 +114,21 @@ def write_report(
     latents = analysis.latents_of(project, loaded.name)
     if len(latents) < 2:
         raise InputError("a report needs at least two embedded crops")
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-        run = _Run(project, loaded, staging, options, latents)
-        sections = []
-        for done, (message, step) in enumerate(STEPS):
+        with staged(out_dir) as staging:
+            run = _Run(project, loaded, staging, options, latents)
+            sections = []
+            for done, (message, step) in enumerate(STEPS):
+                if progress is not None:
+                    progress(done, len(STEPS), message)
+                sections.append(step(run))
+            _write_index(run, sections)
             if progress is not None:
-                progress(done, len(STEPS), message)
-            sections.append(step(run))
-        _write_index(run, sections)
-        if progress is not None:
-            progress(len(STEPS), len(STEPS), "report written")
-        _replace(staging, out_dir)
+                progress(len(STEPS), len(STEPS), "report written")
     except NucleaeError:
         raise
     except OSError as err:  # a file in the path, no permission, a full disk
         raise write_error(out_dir, err) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "index.html"
 
 
@@ -135,15 +140,6 @@ def _check_target(out_dir: Path) -> None:
             f"{out_dir} already contains files that are not a napari-nucleae report; "
             "choose an empty or new folder"
         )
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Move the finished report into place, swapping out a previous report."""
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -203,22 +199,20 @@ def histogram_section(run: _Run) -> Section:
 def projection_section(run: _Run) -> Section:
     """The 2-D projection coloured by reconstruction error and by k-means cluster."""
     opts, project = run.options, run.project
-    columns = analysis.compute_projection(
-        project, opts.projection, metric=opts.metric, model=run.model.name, seed=opts.seed
-    )
-    n_clusters = max(1, min(opts.n_clusters, len(run.latents)))
     cluster = opts.column("cluster")
-    analysis.compute_clusters(
-        project,
-        n_clusters=n_clusters,
+    settings = analysis.MapSettings(
+        method=opts.projection,
         metric=opts.metric,
-        model=run.model.name,
+        clustering="kmeans",
+        n_clusters=opts.n_clusters,
         seed=opts.seed,
-        column=cluster,
+        cluster_column=cluster,
     )
+    found = analysis.map_latents(project, settings, model=run.model.name, latents=run.latents)
+    n_clusters = max(1, min(opts.n_clusters, len(project)))
     table = project.table()
     shown = sample_rows(len(table), PLOT_POINTS, opts.seed)
-    x, y = (table[c].to_numpy()[shown] for c in columns.columns)
+    x, y = (table[c].to_numpy()[shown] for c in found.columns)
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     by_mse, by_cluster = fig.subplots(1, 2)
     mse = table["mse"].to_numpy()[shown]
@@ -235,13 +229,13 @@ def projection_section(run: _Run) -> Section:
                 str(name), (np.median(x[members]), np.median(y[members])), weight="bold"
             )
     for ax, title in ((by_mse, "coloured by MSE"), (by_cluster, "coloured by k-means cluster")):
-        ax.set(xlabel=columns.columns[0], ylabel=columns.columns[1], title=title)
+        ax.set(xlabel=found.columns[0], ylabel=found.columns[1], title=title)
     _save(fig, run, "projection.png")
     sampled = f" ({len(shown)} of {len(table)} points drawn)" if len(shown) < len(table) else ""
     return Section(
         "Latent map",
-        f"{opts.projection.upper()} of the latents ({opts.metric}){sampled}. Columns "
-        f"{', '.join(columns.columns)} and '{cluster}' ({n_clusters} k-means clusters) are "
+        f"{PROJECTION_NAMES[opts.projection]} of the latents ({opts.metric}){sampled}. Columns "
+        f"{', '.join(found.columns)} and '{cluster}' ({n_clusters} k-means clusters) are "
         "stored in the project, so the napari Latent explorer shows the same map.",
         "projection.png",
     )
@@ -257,8 +251,8 @@ def outlier_section(run: _Run) -> Section:
     ax = fig.subplots()
     values = np.log10(np.maximum(mse, 1e-12))
     ax.hist(values, bins=60, color="0.6")
-    for tail, colour in (("low", "tab:blue"), ("high", "tab:red")):
-        ax.hist(values[np.asarray(flags == tail)], bins=60, range=ax.get_xlim(), color=colour)
+    for tail, color in (("low", "tab:blue"), ("high", "tab:red")):
+        ax.hist(values[np.asarray(flags == tail)], bins=60, range=ax.get_xlim(), color=color)
     ax.set(xlabel="log10 reconstruction MSE", ylabel="crops", title="Reconstruction error")
     _save(fig, run, "mse.png")
     rows = []
@@ -293,6 +287,7 @@ def representative_section(run: _Run) -> Section:
         k=opts.top_k,
         model=run.model,
         seed=opts.seed,
+        latents=run.latents,
     )
     _representative_grid(run, "representatives.png", found.latent, "latent")
     if found.pixel is not None:
@@ -323,6 +318,7 @@ def cluster_section(run: _Run) -> Section:
         stability=True,
         pixel_baseline=False,
         seed=run.options.seed,
+        latents=run.latents,
     )
     run.per_cluster = found.latent
     _representative_grid(run, "representatives_per_cluster.png", found.latent, "latent")
@@ -340,7 +336,9 @@ def cluster_section(run: _Run) -> Section:
 def interpolation_section(run: _Run) -> Section:
     """A decoded straight path between the representatives of the two most distant clusters."""
     a, b = _interpolation_ends(run)
-    strip = analysis.interpolate_crops(run.project, a, b, run.options.steps, run.model.name)
+    strip = analysis.interpolate_crops(
+        run.project, a, b, run.options.steps, run.model, latents=run.latents
+    )
     start, end = run.project.read_crops([a, b])
     t = np.linspace(0, 1, len(strip))
     row = [(start, f"crop {a}")] + [(img, f"t={v:.2f}") for img, v in zip(strip, t, strict=True)]
@@ -357,10 +355,10 @@ def _interpolation_ends(run: _Run) -> tuple[int, int]:
     """The top crops of the two clusters whose centres lie farthest apart (else crop 0 and
     the crop farthest from it)."""
     found = run.per_cluster
-    if found is not None and len(found.centres) >= 2:
-        groups = [group for group, _ in found.centres]
-        centres = np.stack(list(found.centres.values()))
-        gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    if found is not None and len(found.centers) >= 2:
+        groups = [group for group, _ in found.centers]
+        centers = np.stack(list(found.centers.values()))
+        gaps = np.linalg.norm(centers[:, None] - centers[None], axis=-1)
         i, j = np.unravel_index(np.argmax(gaps), gaps.shape)
         firsts = found.table[found.table["rank"] == 1].set_index("group")["crop_index"]
         return int(firsts[groups[min(i, j)]]), int(firsts[groups[max(i, j)]])

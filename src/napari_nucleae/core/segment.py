@@ -6,7 +6,6 @@ import functools
 import importlib.metadata
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,12 @@ from skimage.segmentation import relabel_sequential, watershed
 
 from .arrays import as_array, pixel_range, read_plane
 from .errors import InputError, WeightsUnavailableError
+from .progress import Progress, ShouldStop
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "cellpose", "classical")
+CELLPOSE_MODELS = ("default", "cpsam", "nuclei", "cyto3")  # named models; a file path works too
 MIN_SIDE = 8
 MAX_PLANE_PIXELS = 2**28  # 16384 × 16384
 MAX_PIXELS_ENV = "NUCLEAE_MAX_PLANE_PIXELS"
@@ -31,9 +32,6 @@ CHANNEL_CORRELATION = 0.5  # planes of a z or time stack correlate more than thi
 CHANNEL_DISTRIBUTION = 0.2  # ... and their intensity distributions differ less (KS distance)
 NOISE_SMOOTH_VARIANCE = 0.15  # a nuclear stain keeps most of its variance when smoothed
 LABELS_FLATNESS = 0.9  # share of equal neighbours inside the foreground of a label image
-
-Progress = Callable[[int, int, str], None]
-ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,12 @@ import pandas as pd
 import zarr
 
 from .errors import InputError, ProjectError
+from .staging import staged
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+NORMALIZATIONS = ("image", "crop", "none")  # percentile normalisation per image, per crop
 CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer to finish
@@ -72,8 +74,8 @@ class CropParams:
     def __post_init__(self) -> None:
         if not 8 <= self.size <= 1024:
             raise InputError(f"crop size must be between 8 and 1024 pixels, got {self.size}")
-        if self.normalize not in ("image", "crop", "none"):
-            raise InputError(f"normalize must be 'image', 'crop' or 'none', got {self.normalize!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise InputError(f"storage_dtype must be one of {STORAGE_DTYPES}")
         lo, hi = self.percentiles
@@ -701,17 +703,12 @@ class Project:
         beside its place and renamed in, replacing an earlier one (writer lock held)."""
         labels = np.asarray(labels)
         with self._lock():
-            final = self.labels_path(image_id)
-            final.parent.mkdir(exist_ok=True)
-            tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
             chunks = (*(1,) * (labels.ndim - 2), *(min(1024, n) for n in labels.shape[-2:]))
-            out = zarr.open_array(
-                str(tmp), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
-            )
-            out[...] = labels
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            with staged(self.labels_path(image_id)) as staging:
+                out = zarr.open_array(
+                    str(staging), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
+                )
+                out[...] = labels
 
     def read_labels(self, image_id: str) -> zarr.Array | None:
         """An image's stored segmentation (lazy), or None when the project has none."""

@@ -7,13 +7,11 @@ import napari
 import numpy as np
 import pandas as pd
 from magicgui.widgets import FloatSlider, PushButton, SpinBox
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
 
 from ..core.analysis import flag_outliers
 from ..core.errors import NucleaeError
-from ..core.explore import outlier_flags, rank_outliers
+from ..core.explore import OUTLIER_PCT, outlier_flags, rank_outliers
 from ..core.store import Project
 from ._common import (
     Dock,
@@ -26,49 +24,17 @@ from ._common import (
     show_result,
 )
 from ._nuclei import Highlighter
+from ._plots import OUTLIER_COLORS, MseHistogram
 from ._session import Session
 from ._settings import remember
 
-COLORS = {"high": (1.0, 0.15, 0.15, 1.0), "low": (0.2, 0.55, 1.0, 1.0)}
 GALLERY_COLUMNS = 8
-
-
-def cut_offs(mse: np.ndarray, flags: pd.Categorical) -> tuple[float | None, float | None]:
-    """The largest flagged-low and the smallest flagged-high error (None when none)."""
-    flags = np.asarray(flags)
-    low, high = mse[flags == "low"], mse[flags == "high"]
-    return (float(low.max()) if len(low) else None, float(high.min()) if len(high) else None)
 
 
 def extremes(mse: np.ndarray, flags: pd.Categorical, tail: str, k: int) -> np.ndarray:
     """Up to ``k`` flagged rows of one tail, most extreme first."""
     n_flagged = int((np.asarray(flags) == tail).sum())
     return rank_outliers(mse, min(k, n_flagged), tail)
-
-
-class MseHistogram(FigureCanvasQTAgg):
-    """Histogram of the reconstruction error with the two cut-offs."""
-
-    def __init__(self):
-        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
-        super().__init__(self.figure)
-        self.axes = self.figure.add_subplot()
-        self.setMinimumHeight(200)
-
-    def show(self, mse: np.ndarray, flags: pd.Categorical) -> None:
-        ax = self.axes
-        ax.clear()
-        finite = mse[np.isfinite(mse)]
-        ax.hist(finite, bins=min(60, max(5, len(finite) // 5)), color="0.5")
-        counts = pd.Series(np.asarray(flags)).value_counts()
-        for tail, cut in zip(("low", "high"), cut_offs(mse, flags), strict=True):
-            if cut is not None:
-                ax.axvline(cut, color=COLORS[tail], lw=1.5, label=f"{tail}: {counts[tail]}")
-        ax.set_xlabel("reconstruction MSE")
-        ax.set_ylabel("crops")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        self.draw_idle()
 
 
 class OutliersWidget(Dock):
@@ -79,8 +45,10 @@ class OutliersWidget(Dock):
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, self.load)
-        self.low = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="low tail (%)")
-        self.high = FloatSlider(value=1.0, min=0.0, max=50.0, step=0.5, label="high tail (%)")
+        self.low = FloatSlider(value=OUTLIER_PCT, min=0.0, max=50.0, step=0.5, label="low tail (%)")
+        self.high = FloatSlider(
+            value=OUTLIER_PCT, min=0.0, max=50.0, step=0.5, label="high tail (%)"
+        )
         self.gallery_size = SpinBox(value=16, min=1, max=200, label="gallery crops per tail")
         self.flag_button = PushButton(text="Flag outliers")
         self.status = StatusLabel()
@@ -140,7 +108,9 @@ class OutliersWidget(Dock):
             return
         self.session.refresh()
         flagged = np.flatnonzero(np.asarray(self.flags) != "normal")
-        colors = np.array([COLORS[f] for f in np.asarray(self.flags)[flagged]]).reshape(-1, 4)
+        colors = np.array([OUTLIER_COLORS[f] for f in np.asarray(self.flags)[flagged]]).reshape(
+            -1, 4
+        )
         self.highlight.show(self.session.index, flagged, colors)
         self.histogram.show(self.mse, self.flags)
         self._galleries(project)

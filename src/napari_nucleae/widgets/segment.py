@@ -24,14 +24,15 @@ from ..core.analysis import LAYER_KEY, layer_features
 from ..core.crop import crop_size_note
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
-from ..core.segment import METHODS, SegmentParams
-from ..core.store import CropParams, Project
+from ..core.segment import CELLPOSE_MODELS, METHODS, SegmentParams
+from ..core.store import NORMALIZATIONS, CropParams, Project
 from ._common import Dock, StatusLabel, add_progress, compact, folder_of
 from ._jobs import user_message
 from ._session import Session, follow
 from ._settings import remember
 
-MODEL_CHOICES = ("default", "cpsam", "nuclei", "cyto3", "custom file…")
+MODEL_CHOICES = (*CELLPOSE_MODELS, "custom file…")
+SEGMENT, CROP = SegmentParams(), CropParams()  # the defaults
 GPU_CHOICES = {"auto": None, "on": True, "off": False}
 
 
@@ -136,27 +137,29 @@ class SegmentWidget(Dock):
         )
         self.method = ComboBox(
             choices=METHODS,
-            value="auto",
+            value=SEGMENT.method,
             label="method",
             tooltip="auto: cellpose, or the classical method (announced) "
             "when cellpose weights are missing",
         )
-        self.model = ComboBox(choices=MODEL_CHOICES, value="default", label="cellpose model")
+        self.model = ComboBox(choices=MODEL_CHOICES, value=SEGMENT.model, label="cellpose model")
         self.model_file = FileEdit(mode="r", label="model file", visible=False)
         self.diameter = FloatSpinBox(value=0.0, min=0.0, max=1000.0, label="diameter (0: auto)")
         self.gpu = ComboBox(choices=list(GPU_CHOICES), value="auto", label="GPU")
-        self.crop_size = SpinBox(value=64, min=16, max=512, step=8, label="crop size")
-        self.mask = CheckBox(value=True, text="mask background")
+        self.crop_size = SpinBox(value=CROP.size, min=16, max=512, step=8, label="crop size")
+        self.mask = CheckBox(value=CROP.mask_background, text="mask background")
         self.skip_border = CheckBox(
-            value=True, text="skip border nuclei", tooltip="skip nuclei touching the border"
+            value=CROP.skip_border,
+            text="skip border nuclei",
+            tooltip="skip nuclei touching the border",
         )
         self.rescale = CheckBox(
-            value=True, text="shrink large nuclei", tooltip="shrink nuclei larger than the crop"
+            value=CROP.rescale_large,
+            text="shrink large nuclei",
+            tooltip="shrink nuclei larger than the crop",
         )
-        self.align = CheckBox(value=False, text="align major axis")
-        self.normalize = ComboBox(
-            choices=("image", "crop", "none"), value="image", label="normalise"
-        )
+        self.align = CheckBox(value=CROP.align, text="align major axis")
+        self.normalize = ComboBox(choices=NORMALIZATIONS, value=CROP.normalize, label="normalise")
         self.project = FileEdit(
             mode="d",
             label="project folder",

@@ -19,14 +19,14 @@ from magicgui.widgets import (
     SpinBox,
 )
 from magicgui.widgets.bases import ValueWidget
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.embed import EmbedResult, embed
 from ..core.errors import NucleaeError
 from ..core.model import (
     ARCHS,
+    DEFAULT_VARIANT,
+    DEVICES,
     INITS,
     SCHEDULES,
     VARIANTS,
@@ -35,7 +35,7 @@ from ..core.model import (
     load_model,
     select_device,
 )
-from ..core.train import TrainingError, TrainResult, train
+from ..core.training import EPOCHS, MODEL_NAME, TrainingError, TrainResult, train
 from ._common import (
     Dock,
     StatusLabel,
@@ -45,10 +45,10 @@ from ._common import (
     never_widen,
     require_project,
 )
+from ._plots import LossPlot
 from ._session import Session, follow
 from ._settings import remember
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 NOT_SETTINGS = ("variant", "crop_size")  # ModelConfig fields the widget does not offer
 BASIC = ("latent_dim", "n_blocks", "base_filters", "lr", "batch_size")  # always shown
 CHOICES = {"arch": ARCHS, "init": INITS, "schedule": SCHEDULES}
@@ -95,44 +95,6 @@ def model_settings() -> dict[str, ValueWidget]:
     return found
 
 
-class LossPlot(FigureCanvasQTAgg):
-    """Train and validation loss per epoch, redrawn as epochs end."""
-
-    def __init__(self):
-        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
-        super().__init__(self.figure)
-        self.axes = self.figure.add_subplot()
-        self.epochs: list[int] = []
-        self.train: list[float] = []
-        self.val: list[float] = []
-        self.setMinimumHeight(180)
-        self._plot()  # drawn when first shown; a pending redraw would outlive an unshown widget
-
-    def set_history(self, epochs, train_loss, val_loss) -> None:
-        self.epochs, self.train, self.val = list(epochs), list(train_loss), list(val_loss)
-        self.redraw()
-
-    def add(self, epoch: int, train_loss: float, val_loss: float) -> None:
-        self.epochs.append(epoch)
-        self.train.append(train_loss)
-        self.val.append(val_loss)
-        self.redraw()
-
-    def redraw(self) -> None:
-        self._plot()
-        self.draw_idle()
-
-    def _plot(self) -> None:
-        ax = self.axes
-        ax.clear()
-        ax.plot(self.epochs, self.train, "o-", label="train")
-        ax.plot(self.epochs, self.val, "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        if self.epochs:
-            ax.legend(loc="upper right")
-
-
 class TrainWidget(Dock):
     """Train or load an autoencoder for a project and embed its crops.
 
@@ -147,17 +109,17 @@ class TrainWidget(Dock):
         self.project = bind_project(self, self.session, lambda: None)
         self.variant = ComboBox(
             choices=VARIANTS,
-            value="ae",
+            value=DEFAULT_VARIANT,
             label="model",
             tooltip="ae: reference autoencoder; vae; denoising; pca baseline",
         )
-        self.name = LineEdit(value="default", label="model name")
-        self.epochs = SpinBox(value=30, min=1, max=10_000, label="epochs")
+        self.name = LineEdit(value=MODEL_NAME, label="model name")
+        self.epochs = SpinBox(value=EPOCHS, min=1, max=10_000, label="epochs")
         self.settings = model_settings()
         for name, widget in self.settings.items():
             setattr(self, name, widget)
         self.all_settings = CheckBox(value=False, text="all settings")
-        self.device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self.device = ComboBox(choices=DEVICES, value=DEVICES[0], label="device")
         self.resume = CheckBox(value=False, text="resume training")
         self.overwrite = CheckBox(
             value=False,

@@ -14,9 +14,10 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton
 from napari.utils.notifications import show_error, show_info
 
 from ..core.analysis import Representatives, export, find_representatives
-from ..core.crop import MEASUREMENT_COLUMNS
+from ..core.centers import CENTERS, DEFAULT_CENTER
+from ..core.crop import IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
 from ..core.explore import METRICS
-from ..core.represent import CENTERS
+from ..core.represent import ALL, TOP_K
 from ..core.store import Project
 from ._common import (
     Dock,
@@ -33,9 +34,9 @@ from ._nuclei import Highlighter
 from ._session import Session
 from ._settings import remember
 
-ALL = "all"
 MAX_GROUPS = 50
-NOT_GROUPS = (set(MEASUREMENT_COLUMNS) - {"plane"}) | {"crop_index", "image_path"}  # per nucleus
+# per nucleus, so no population (a plane or an image is one)
+NOT_GROUPS = {*IDENTITY_COLUMNS, *MEASUREMENT_COLUMNS} - {"plane", "image_id"}
 
 
 def scope_choices(table: pd.DataFrame) -> list[str]:
@@ -99,7 +100,7 @@ def practical_grid(table: pd.DataFrame, crops: np.ndarray, k: int) -> tuple[np.n
     return grid, groups
 
 
-class RepresentWidget(Dock):
+class RepresentativesWidget(Dock):
     """Find objective representative nuclei and export them."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
@@ -107,8 +108,8 @@ class RepresentWidget(Dock):
         self.viewer = viewer
         self.session = Session.of(viewer)
         self.project = bind_project(self, self.session, self.load)
-        self.center = ComboBox(choices=CENTERS, value="mean", label="centre")
-        self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
+        self.center = ComboBox(choices=CENTERS, value=DEFAULT_CENTER, label="centre")
+        self.metric = ComboBox(choices=METRICS, value=METRICS[0], label="metric")
         self.scopes = [ALL]  # callable choices survive napari's reset_choices()
         self.scope = ComboBox(
             choices=lambda _: self.scopes,
@@ -116,7 +117,7 @@ class RepresentWidget(Dock):
             label="scope",
             tooltip="all crops, or per group of a column",
         )
-        self.k = SpinBox(value=5, min=1, max=100, label="top k")
+        self.k = SpinBox(value=TOP_K, min=1, max=100, label="top k")
         self.stability = CheckBox(
             value=False, text="stability", tooltip="bootstrap stability of the top k (slower)"
         )

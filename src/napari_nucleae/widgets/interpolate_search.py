@@ -1,4 +1,4 @@
-""" "Explore latent space" dock widget: interpolate between two crops and search the crops
+""" "Interpolate & search" dock widget: interpolate between two crops and search the crops
 most similar to one. Clicking nuclei in the viewer fills in the crops: the last click is the
 search query and the interpolation's end, the click before it the interpolation's start."""
 
@@ -10,7 +10,7 @@ import pandas as pd
 from magicgui.widgets import ComboBox, PushButton, SpinBox, create_widget
 
 from ..core.analysis import interpolate_crops, query_crop, search_similar
-from ..core.explore import METRICS
+from ..core.explore import INTERPOLATION_STEPS, METRICS, SEARCH_K
 from ._common import (
     Dock,
     StatusLabel,
@@ -57,7 +57,7 @@ def interpolation(
     return interpolate_crops(session.project, a, b, steps, session.loaded_model())
 
 
-class ExploreWidget(Dock):
+class InterpolateSearchWidget(Dock):
     """Latent interpolation between two nuclei and reverse search from one (both quick, so
     neither offers a Cancel)."""
 
@@ -68,7 +68,7 @@ class ExploreWidget(Dock):
         self.project = bind_project(self, self.session, lambda: None)
         self.crop_a = SpinBox(value=0, min=0, max=10**9, label="from crop")
         self.crop_b = SpinBox(value=1, min=0, max=10**9, label="to crop")
-        self.steps = SpinBox(value=8, min=2, max=64, label="steps")
+        self.steps = SpinBox(value=INTERPOLATION_STEPS, min=2, max=64, label="steps")
         self.interpolate_button = PushButton(text="Interpolate")
         self.query = SpinBox(value=0, min=0, max=10**9, label="query crop")
         self.query_image = create_widget(
@@ -79,8 +79,8 @@ class ExploreWidget(Dock):
                 "(e.g. an exported crop); it is encoded with the model"
             },
         )
-        self.k = SpinBox(value=10, min=1, max=500, label="neighbours")
-        self.metric = ComboBox(choices=METRICS, value="euclidean", label="metric")
+        self.k = SpinBox(value=SEARCH_K, min=1, max=500, label="neighbours")
+        self.metric = ComboBox(choices=METRICS, value=METRICS[0], label="metric")
         self.search_button = PushButton(text="Find similar nuclei")
         self.status = StatusLabel("click nuclei in the viewer to fill in the crops")
         self.extend(

@@ -5,8 +5,8 @@ from napari_nucleae.core.analysis import find_representatives
 from napari_nucleae.core.store import Project
 from napari_nucleae.widgets._nuclei import Picker
 from napari_nucleae.widgets._session import Session
-from napari_nucleae.widgets.explore import ExploreWidget
-from napari_nucleae.widgets.represent import RepresentWidget, find
+from napari_nucleae.widgets.interpolate_search import InterpolateSearchWidget
+from napari_nucleae.widgets.representatives import RepresentativesWidget, find
 
 TIMEOUT = 60_000
 
@@ -22,7 +22,7 @@ def test_representatives_layers_highlights_and_export(
 ):
     viewer = make_napari_viewer()
     layers = show_project(viewer, analysed)
-    widget = RepresentWidget(viewer)
+    widget = RepresentativesWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert widget.scope.choices[0] == "all" and "image_id" in widget.scope.choices
     widget.center.value, widget.metric.value, widget.k.value = "median", "cosine", 3
@@ -72,7 +72,7 @@ def test_explore_from_clicked_nuclei(
 ):
     viewer = make_napari_viewer()
     layers = show_project(viewer, analysed)
-    widget = ExploreWidget(viewer)
+    widget = InterpolateSearchWidget(viewer)
     viewer.window.add_dock_widget(widget)
     table = Project.open(analysed.path).table()
     picker = Picker.of(viewer)

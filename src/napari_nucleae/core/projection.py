@@ -23,10 +23,15 @@ import pandas as pd
 
 from .errors import InputError
 from .explore import check_metric, l2_normalize, sample_rows
+from .progress import Progress
 
-Progress = Callable[[int, int, str], None]
 ProjectionMethod = Literal["umap", "tsne", "pca"]
 PREFIXES = {"umap": "UMAP", "tsne": "TSNE", "pca": "PC"}
+PROJECTIONS: tuple[str, ...] = tuple(PREFIXES)
+PROJECTION_NAMES = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}  # as shown to users
+CLUSTER_METHODS: tuple[str, ...] = ("kmeans", "hdbscan")
+CLUSTER_NAMES = {"kmeans": "k-means", "hdbscan": "HDBSCAN"}
+MAX_FIT = 200_000  # UMAP / t-SNE: rows fitted; the others are placed on the fitted map
 MINIBATCH_ABOVE = 50_000
 TRANSFORM_CHUNK = 50_000
 
@@ -52,7 +57,7 @@ def project_latents(
     components: tuple[int, int] = (0, 1),
     pca_first: int | None = 50,
     seed: int | None = 0,
-    max_fit: int = 200_000,
+    max_fit: int = MAX_FIT,
     n_jobs: int | None = None,
     progress: Progress | None = None,
 ) -> np.ndarray:
@@ -234,7 +239,7 @@ def cluster_latents(
             raise InputError(f"min_cluster_size must be at least 2, got {min_cluster_size}")
         model = HDBSCAN(min_cluster_size=min(min_cluster_size, len(x)), copy=True)
         return model.fit_predict(x).astype(np.int64)
-    raise InputError(f"clustering method must be 'kmeans' or 'hdbscan', got {method!r}")
+    raise InputError(f"clustering method must be one of {CLUSTER_METHODS}, got {method!r}")
 
 
 def as_feature_columns(

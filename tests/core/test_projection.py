@@ -12,7 +12,7 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
 from napari_nucleae.core.errors import InputError
-from napari_nucleae.core.project import (
+from napari_nucleae.core.projection import (
     as_feature_columns,
     cluster_latents,
     project_latents,

@@ -4,13 +4,10 @@ import pytest
 
 from napari_nucleae.core.store import Project
 from napari_nucleae.widgets._nuclei import NucleusIndex, Picker
-from napari_nucleae.widgets.explorer import (
-    ExplorerWidget,
-    LatentPlot,
-    drawn_rows,
+from napari_nucleae.widgets._plots import LatentPlot, drawn_rows, rows_in_box, rows_in_polygon
+from napari_nucleae.widgets.latent_explorer import (
+    LatentExplorerWidget,
     projection_pairs,
-    rows_in_box,
-    rows_in_polygon,
     thumbnail_cells,
 )
 
@@ -20,7 +17,7 @@ TIMEOUT = 60_000
 def _computed(make_napari_viewer, qtbot, analysed, show_project):
     viewer = make_napari_viewer()
     layers = show_project(viewer, analysed)
-    widget = ExplorerWidget(viewer)
+    widget = LatentExplorerWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert str(widget.project.value) == str(analysed.path)  # prefilled from the layers
     widget.projection.value = "PCA"
@@ -123,7 +120,7 @@ def test_thumbnail_map_and_reopen(make_napari_viewer, qtbot, analysed, show_proj
     assert canvas.shape == (side * 32, side * 32) and canvas.max() > 0
 
     # a new explorer on the same folder shows the stored projection without computing
-    again = ExplorerWidget(viewer)
+    again = LatentExplorerWidget(viewer)
     assert again.columns == ("PC_0", "PC_1") and len(again.table) == n
 
 
@@ -213,7 +210,7 @@ def test_a_click_picks_but_a_drag_does_not(make_napari_viewer, analysed, show_pr
 def test_hovering_a_point_shows_its_crop(make_napari_viewer, qtbot, analysed, show_project):
     from matplotlib.backend_bases import MouseEvent
 
-    from napari_nucleae.widgets.explorer import nearest_point
+    from napari_nucleae.widgets._plots import nearest_point
 
     assert nearest_point(np.array([[0.0, 0.0], [10.0, 0.0]]), 9.0, 1.0, radius=3) == 1
     assert nearest_point(np.array([[0.0, 0.0]]), 9.0, 1.0, radius=3) is None
@@ -235,7 +232,7 @@ def test_hdbscan_clusters_match_scikit_learn_and_reach_the_layers(
 ):
     viewer = make_napari_viewer()
     layers = show_project(viewer, analysed)
-    widget = ExplorerWidget(viewer)
+    widget = LatentExplorerWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.projection.value = "PCA"
     widget.cluster_method.value = "HDBSCAN"
