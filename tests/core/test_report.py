@@ -197,3 +197,21 @@ def test_an_unwritable_report_folder_is_a_clear_error(embedded, tmp_path, monkey
     with pytest.raises(ExportWriteError, match="Permission denied"):
         write_report(embedded, tmp_path / "out" / "report", options=FAST)
     assert list((tmp_path / "out").iterdir()) == []  # no half report, no staging folder
+
+
+def test_the_report_reads_the_latents_and_loads_the_model_once(embedded, tmp_path, monkeypatch):
+    from napari_nucleae.core import analysis, embed
+
+    calls = {"latents": 0, "model": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(analysis, "read_latents", counting("latents", analysis.read_latents))
+    monkeypatch.setattr(embed, "load_model", counting("model", embed.load_model))
+    write_report(embedded, tmp_path / "report", options=FAST)
+    assert calls == {"latents": 1, "model": 1}
