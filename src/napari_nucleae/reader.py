@@ -18,10 +18,12 @@ them: selections highlight the nuclei, clicks pick them.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import zarr
 
 from ._triton import guard_triton
 
@@ -29,6 +31,7 @@ guard_triton()  # before core imports torch: see napari_nucleae._triton
 
 from .core.analysis import LAYER_KEY as KEY  # noqa: E402
 from .core.analysis import layer_features  # noqa: E402
+from .core.errors import ProjectError  # noqa: E402
 from .core.ingest import read_image  # noqa: E402
 from .core.store import Project  # noqa: E402
 
@@ -65,12 +68,22 @@ def read_project(path: str | os.PathLike | list) -> list[LayerData]:
             image_meta = {**metadata, "path": str(source)}
             layers.append((read_image(source), {"name": name, "metadata": image_meta}, "image"))
         rows = table[table["image_id"].astype(str) == str(record.image_id)]
-        labels = project.read_labels(str(record.image_id))
+        labels = _stored_labels(project, str(record.image_id))
         if labels is not None:
             layers.append(nuclei_labels(np.asarray(labels), rows, f"{name} nuclei", metadata))
         elif len(rows):
             layers.append(nuclei_points(rows, f"{name} nuclei", metadata))
     return layers
+
+
+def _stored_labels(project: Project, image_id: str) -> zarr.Array | None:
+    """The stored segmentation, or None (with a warning naming the lost tile) when part of it
+    is lost: the nuclei then show as points at their centroids."""
+    try:
+        return project.read_labels(image_id)
+    except ProjectError as err:
+        warnings.warn(f"{err}; its nuclei are shown as points", UserWarning, stacklevel=2)
+        return None
 
 
 def nuclei_labels(labels: np.ndarray, rows: pd.DataFrame, name: str, metadata: dict) -> LayerData:

@@ -261,6 +261,21 @@ def test_any_lost_file_is_named_and_nothing_is_deleted(tmp_path_factory, n_batch
         assert files_of(path) == before  # no "repair" deleted anything
 
 
+def test_a_lost_background_tile_of_a_segmentation_is_named(tmp_path):
+    project = Project.create(tmp_path / "p", CropParams(size=16))
+    labels = np.zeros((2048, 1100), np.uint16)  # 2 x 2 tiles of 1024 px
+    labels[10:20, 10:20] = 1  # only the first tile holds a nucleus
+    project.write_labels("img", labels)
+    np.testing.assert_array_equal(project.read_labels("img")[...], labels)
+    tiles = sorted(p for p in (project.labels_path("img") / "c").rglob("*") if p.is_file())
+    assert len(tiles) == 4  # the all-background tiles are on disk too
+    tiles[-1].unlink()
+    before = files_of(tmp_path / "p")
+    with pytest.raises(ProjectError, match=f"{tiles[-1]} is missing.*segment the image again"):
+        Project.open(tmp_path / "p").read_labels("img")
+    assert files_of(tmp_path / "p") == before
+
+
 def test_a_damaged_chunk_is_named_not_read_as_zeros(tmp_path):
     path = tmp_path / "p"
     project = filled(path, 60)

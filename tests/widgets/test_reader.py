@@ -3,6 +3,7 @@ import shutil
 import napari
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 
 from napari_nucleae.core.explore import outlier_flags
@@ -114,6 +115,20 @@ def test_projects_without_stored_labels_reopen_as_centroid_points(
     widget = LatentExplorerWidget(viewer)
     rows = widget.plot.select_box(0, 0, 128, 256)
     np.testing.assert_allclose(viewer.layers["nuclei nuclei [selection]"].data, points.data[rows])
+
+
+def test_a_lost_labels_tile_reopens_as_points_with_a_warning_naming_it(
+    make_napari_viewer, tmp_path, synthetic
+):
+    image, _ = synthetic
+    project, _ = _project_with_analysis(tmp_path, image)
+    tile = next(p for p in (project.labels_path("img") / "c").rglob("*") if p.is_file())
+    tile.unlink()
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match=f"{tile} is missing.*shown as points"):
+        viewer.open(str(project.path), plugin="napari-nucleae")
+    assert isinstance(viewer.layers["nuclei nuclei"], napari.layers.Points)
+    assert len(viewer.layers["nuclei nuclei"].data) == len(project)
 
 
 def test_manifest_registers_the_viewer_widgets_and_the_reader():

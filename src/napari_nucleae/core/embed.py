@@ -21,7 +21,7 @@ from .errors import NucleaeError, ProjectError
 from .model import CheckpointError, LoadedModel, load_model
 from .progress import Progress, ShouldStop
 from .staging import staged
-from .store import Project
+from .store import Project, missing_chunk
 
 
 @dataclass
@@ -164,12 +164,12 @@ def read_latents(project: Project, name: str | None = None) -> zarr.Array:
 
 def check_chunks(array: zarr.Array, path: Path, what: str) -> None:
     """Refuse an array with a chunk file missing (it would read as zeros)."""
-    step = array.chunks[0]
-    for chunk in range(-(-array.shape[0] // step)):
-        key = array.metadata.encode_chunk_key((chunk, *(0,) * (array.ndim - 1)))
-        if not (path / key).is_file():
-            raise ProjectError(
-                f"{path / key} is missing: the {what} of crops {chunk * step}-"
-                f"{min(array.shape[0], (chunk + 1) * step) - 1} cannot be read (they would read "
-                "as zeros); run embed again"
-            )
+    lost = missing_chunk(array, path)
+    if lost is not None:
+        (chunk, *_), key = lost
+        step = array.chunks[0]
+        raise ProjectError(
+            f"{key} is missing: the {what} of crops {chunk * step}-"
+            f"{min(array.shape[0], (chunk + 1) * step) - 1} cannot be read (they would read "
+            "as zeros); run embed again"
+        )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from .staging import staged
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+EVERY_TILE = "every_tile_stored"  # labels attribute: all-background tiles are on disk too
 NORMALIZATIONS = ("image", "crop", "none")  # percentile normalisation per image, per crop
 CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
@@ -699,21 +701,50 @@ class Project:
         return self._inside("labels", f"{name}.zarr")
 
     def write_labels(self, image_id: str, labels: np.ndarray) -> None:
-        """Store an image's label image (compressed, in 1024-pixel tiles per plane), written
-        beside its place and renamed in, replacing an earlier one (writer lock held)."""
+        """Store an image's label image (compressed, in 1024-pixel tiles per plane, every
+        tile on disk even when all background, so that a lost one is noticed), written beside
+        its place and renamed in, replacing an earlier one (writer lock held)."""
         labels = np.asarray(labels)
         with self._lock():
             chunks = (*(1,) * (labels.ndim - 2), *(min(1024, n) for n in labels.shape[-2:]))
             with staged(self.labels_path(image_id)) as staging:
                 out = zarr.open_array(
-                    str(staging), mode="w", shape=labels.shape, chunks=chunks, dtype=labels.dtype
+                    str(staging),
+                    mode="w",
+                    shape=labels.shape,
+                    chunks=chunks,
+                    dtype=labels.dtype,
+                    config={"write_empty_chunks": True},
                 )
                 out[...] = labels
+                out.attrs[EVERY_TILE] = True
 
     def read_labels(self, image_id: str) -> zarr.Array | None:
-        """An image's stored segmentation (lazy), or None when the project has none."""
+        """An image's stored segmentation (lazy), or None when the project has none; a
+        lost tile raises :class:`ProjectError` (segmentations stored before tiles were
+        all kept cannot tell a lost tile from background)."""
         path = self.labels_path(image_id)
-        return zarr.open_array(str(path), mode="r") if path.is_dir() else None
+        if not path.is_dir():
+            return None
+        labels = zarr.open_array(str(path), mode="r")
+        lost = missing_chunk(labels, path) if labels.attrs.get(EVERY_TILE) else None
+        if lost is not None:
+            raise ProjectError(
+                f"{lost[1]} is missing: part of the segmentation of image {image_id} cannot be "
+                "read (it would read as background); segment the image again"
+            )
+        return labels
+
+
+def missing_chunk(array: zarr.Array, path: Path) -> tuple[tuple[int, ...], Path] | None:
+    """The grid index and file of the first chunk of ``array`` (stored at ``path``) that is
+    not on disk, or None."""
+    grid = (range(-(-size // step)) for size, step in zip(array.shape, array.chunks, strict=True))
+    for index in itertools.product(*grid):
+        key = path / array.metadata.encode_chunk_key(index)
+        if not key.is_file():
+            return index, key
+    return None
 
 
 def _umask() -> int:
