@@ -83,6 +83,21 @@ def test_ingest_goes_on_past_broken_files_and_lists_each_in_one_line(tmp_path):
     assert len(project) > 50
 
 
+def test_the_cellpose_fallback_is_announced_once(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in bbbc007_paths()[:3]:
+        shutil.copy(path, images / Path(path).name.replace(" ", "_"))
+    missing = tmp_path / "no-such-model"
+    run = nucleae(
+        "ingest", images, "--project", tmp_path / "p", "--model", missing, "--workers", "2"
+    )
+    assert run.returncode == 0, run.stderr
+    output = run.stdout + run.stderr
+    assert output.count("cellpose unavailable") == 1 and "note: cellpose unavailable" in output
+    assert str(missing) in output
+
+
 def test_an_all_bad_batch_exits_1(tmp_path, capsys):
     (tmp_path / "bad.tif").write_bytes(b"not a tiff")
     assert main(["ingest", str(tmp_path / "bad.tif"), "--project", str(tmp_path / "p")]) == 1

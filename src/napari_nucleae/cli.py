@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import warnings
@@ -775,6 +776,8 @@ def _cell(value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # every note core logs reaches the user once, as a "note:" / "warning:" line of its own
+    logging.getLogger("napari_nucleae").addHandler(logging.NullHandler())
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
