@@ -188,7 +188,7 @@ def test_compiled_steps_save_the_plain_network(make_project, monkeypatch):
         return real_compile(module, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    project = make_project(n=160)
+    project = make_project(n=160, storage_dtype="uint8")  # batches reach the step as uint8
     result = train(project, _config(), 1, compile="on")
     assert len(compiled) == 1 and not any("torch.compile" in n for n in result.notes)
     state = read_checkpoint(result.last)["state_dict"]

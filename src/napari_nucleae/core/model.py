@@ -345,10 +345,14 @@ def uses_channels_last(network: nn.Module, device: torch.device) -> bool:
 def to_batch(
     crops: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool
 ) -> torch.Tensor:
-    """``(B, S, S)`` numpy crops or ``(B, 1, S, S)`` tensors onto ``device`` as a float batch."""
+    """``(B, S, S)`` numpy crops or ``(B, 1, S, S)`` tensors onto ``device`` as a float batch
+    in [0, 1]; integer tensors (crops as stored) are scaled there as
+    :func:`.store.from_storage` does."""
     if isinstance(crops, np.ndarray):
         crops = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None]
     batch = crops.to(device, non_blocking=True)
+    if not batch.is_floating_point():
+        batch = batch.float() / torch.iinfo(crops.dtype).max
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
 

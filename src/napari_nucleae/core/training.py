@@ -567,9 +567,15 @@ class _Run:
             seed=self.seed,
             ranks=job.ranks,
             even=job.ranks.distributed,
+            compact=True,
         )
         self.val_stream = ChunkStream(
-            job.project, job.split.val, 2 * config.batch_size, shuffle=False, ranks=job.ranks
+            job.project,
+            job.split.val,
+            2 * config.batch_size,
+            shuffle=False,
+            ranks=job.ranks,
+            compact=True,
         )
         self.workers = min(self.plan.num_workers, self.train_stream.max_workers())
         self.history = _history_frame(self.plan.checkpoint.get("history"))
