@@ -42,6 +42,7 @@ from .model import (
     build_model,
     check_model_name,
     checkpoint_config,
+    cudnn_autotune,
     make_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -375,7 +376,7 @@ def train(
         raise InputError("PCA is fitted in one pass on one process: train it without --distributed")
     dev = select_device(device)
     groups = process_group(dev) if distributed else contextlib.nullcontext(SINGLE)
-    with groups as ranks, _cudnn_autotune(dev):
+    with groups as ranks, cudnn_autotune(dev):
         dev = ranks.device(dev)
         split = split_crops(project.table(with_features=False), val_fraction, seed)
         callbacks = (progress, on_epoch) if ranks.main else (None, None)
@@ -402,17 +403,6 @@ def train(
     if result.last is not None and ranks.main:
         project.set_active_model(name)
     return result
-
-
-def _cudnn_autotune(device: torch.device) -> contextlib.AbstractContextManager:
-    """cuDNN picks the fastest convolution algorithms on CUDA (the crops' shape is fixed)."""
-    cudnn = torch.backends.cudnn
-    return cudnn.flags(
-        enabled=cudnn.enabled,
-        benchmark=cudnn.benchmark or device.type == "cuda",
-        deterministic=cudnn.deterministic,
-        allow_tf32=cudnn.allow_tf32,
-    )
 
 
 @dataclass
