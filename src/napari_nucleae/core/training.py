@@ -136,11 +136,9 @@ def augment(batch: torch.Tensor, jitter: float) -> torch.Tensor:
     n = len(batch)
     flip = torch.rand(n, device=batch.device) < 0.5
     out = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    turns = torch.randint(0, 4, (n,), device=batch.device)
-    for k in range(1, 4):
-        chosen = turns == k
-        if chosen.any():
-            out[chosen] = torch.rot90(out[chosen], k, dims=(-2, -1))
+    turns = torch.randint(0, 4, (n,), device=batch.device)[:, None, None, None]
+    for k in range(1, 4):  # whole-batch selections: no device-to-host wait on a GPU
+        out = torch.where(turns == k, torch.rot90(out, k, dims=(-2, -1)), out)
     if jitter > 0:
         scale = 1 + jitter * (2 * torch.rand(n, 1, 1, 1, device=batch.device) - 1)
         out = (out * scale).clamp(0.0, 1.0)
