@@ -604,14 +604,16 @@ class _Run:
             return objective
         size = self.config.crop_size
         trial = to_batch(
-            torch.rand(self.config.batch_size, 1, size, size), job.device, self.channels_last
+            torch.full((self.config.batch_size, 1, size, size), 0.5), job.device, self.channels_last
         )
         saved = {k: v.clone() for k, v in self.network.state_dict().items()}
+        devices = [job.device] if job.device.type == "cuda" else []
         try:
             compiled = torch.compile(objective)
-            with precision.autocast():
-                loss = compiled(trial)
-            loss.backward()
+            with torch.random.fork_rng(devices=devices):  # training draws the same numbers
+                with precision.autocast():
+                    loss = compiled(trial)
+                loss.backward()
         except Exception as err:  # any compiler failure: the eager step is the same maths
             self.notes.append(f"torch.compile failed ({type(err).__name__}): training without it")
             return objective
