@@ -16,6 +16,8 @@ from tqdm import tqdm
 from .core.analysis import MapSettings
 from .core.centers import CENTERS, DEFAULT_CENTER
 from .core.crop import crop_size_note
+from .core.data import CUDA_WORKERS
+from .core.distributed import torchrun_ranks
 from .core.errors import NucleaeError, describe_os_error
 from .core.explore import INTERPOLATION_STEPS, METRICS, OUTLIER_PCT, SEARCH_K
 from .core.ingest import IngestParams, IngestSummary, expand_inputs, ingest, summary_line
@@ -37,14 +39,21 @@ from .core.report import ReportOptions, write_report
 from .core.represent import TOP_K
 from .core.segment import METHODS, SegmentParams
 from .core.store import NORMALIZATIONS, CropParams, Project
-from .core.training import COLLAPSE_ACTIONS, EPOCHS, MODEL_NAME, VAL_FRACTION, train
+from .core.training import (
+    COLLAPSE_ACTIONS,
+    COMPILE_MODES,
+    EPOCHS,
+    MODEL_NAME,
+    VAL_FRACTION,
+    train,
+)
 
 
 class ProgressBar:
     """A ``progress(done, total, message)`` callback drawing a tqdm bar on stderr."""
 
-    def __init__(self, description: str):
-        self.bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=True)
+    def __init__(self, description: str, quiet: bool = False):
+        self.bar = tqdm(desc=description, unit="step", file=sys.stderr, leave=True, disable=quiet)
 
     def __call__(self, done: int, total: int, message: str) -> None:
         self.bar.total = total
@@ -62,6 +71,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text}")
     return value
+
+
+def auto_or_count(text: str) -> int | None:
+    """An argparse type: ``auto`` (None, chosen later) or a whole number from 0."""
+    return None if text == "auto" else non_negative_int(text)
 
 
 def non_negative_int(text: str) -> int:
@@ -375,9 +389,12 @@ def resume_config(project: Project, args: argparse.Namespace):
 
 
 def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
-    """Train a model on the project with a progress bar and per-epoch losses."""
+    """Train a model on the project with a progress bar and per-epoch losses (under torchrun
+    with ``--distributed``, printed by rank 0 only)."""
+    distributed = getattr(args, "distributed", False)
+    main = torchrun_ranks().main if distributed else True
     config = resume_config(project, args) if resume else model_config(args, project.crop_size)
-    bar = ProgressBar("train")
+    bar = ProgressBar("train", quiet=not main)
 
     def on_epoch(epoch: int, train_loss: float, val_loss: float) -> None:
         bar.bar.write(f"epoch {epoch}: train loss {train_loss:.5f}, validation loss {val_loss:.5f}")
@@ -398,9 +415,14 @@ def run_train(project: Project, args: argparse.Namespace, resume: bool = False):
                 val_fraction=args.val_fraction,
                 progress=bar,
                 on_epoch=on_epoch,
+                num_workers=getattr(args, "loader_workers", None),
+                compile=getattr(args, "compile", COMPILE_MODES[0]),
+                distributed=distributed,
             )
     finally:
         bar.close()
+    if not main:
+        return result
     for note in result.notes:
         print(f"{'warning' if note in result.warnings else 'note'}: {note}")
     print(
@@ -624,6 +646,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=COLLAPSE_ACTIONS[0],
         help="when the model gives every crop the same output: restart at a lower learning "
         "rate (default), stop with an error, or only warn",
+    )
+    p.add_argument(
+        "--workers",
+        dest="loader_workers",
+        type=auto_or_count,
+        default=None,
+        metavar="N|auto",
+        help=f"loader processes decoding the crops (default: auto: up to {CUDA_WORKERS} on "
+        "CUDA, none on the CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default=COMPILE_MODES[0],
+        help="torch.compile the training step (auto: on CUDA; eager when compiling fails)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of the processes of `torchrun --nproc-per-node K -m napari_nucleae.cli "
+        "train ... --distributed`: DDP, each process on its share of the crops",
     )
     p.set_defaults(func=cmd_train)
 

@@ -25,9 +25,9 @@ def test_stream_reads_whole_chunks_and_shuffles(make_project, monkeypatch):
     reads = []
     real_read = store.Project.read_crops
 
-    def read(self, index):
+    def read(self, index, **options):
         reads.append(index)
-        return real_read(self, index)
+        return real_read(self, index, **options)
 
     monkeypatch.setattr(store.Project, "read_crops", read)
     rows = np.arange(200)
@@ -54,3 +54,18 @@ def test_stream_with_worker_processes_sees_every_crop_once(make_project, monkeyp
     seen = torch.cat(batches)[:, 0].reshape(100, -1).sum(1).sort().values
     expected = torch.from_numpy(project.read_crops(slice(None))).reshape(100, -1).sum(1)
     torch.testing.assert_close(seen, expected.sort().values)
+
+
+def test_compact_stream_sends_uint8_as_stored_and_to_batch_scales_it(make_project):
+    from napari_nucleae.core.model import to_batch
+
+    project = make_project(n=50, n_images=2, storage_dtype="uint8")
+    compact = ChunkStream(project, np.arange(50), 50, shuffle=False, compact=True)
+    (batch,) = list(compact)
+    assert batch.dtype == torch.uint8
+    scaled = to_batch(batch, torch.device("cpu"), channels_last=False)
+    torch.testing.assert_close(scaled[:, 0], torch.from_numpy(project.read_crops(slice(None))))
+    wide = make_project(n=20, n_images=2)  # uint16: sent as float32
+    assert next(iter(ChunkStream(wide, np.arange(20), 8, shuffle=False, compact=True))).dtype == (
+        torch.float32
+    )

@@ -156,3 +156,16 @@ def test_a_lost_latents_chunk_is_named_never_read_as_zeros(trained):
         read_latents(trained, "ae")
     embed(trained, "ae")
     assert np.isfinite(read_latents(trained, "ae")[:]).all()
+
+
+def test_uint8_crops_are_embedded_as_their_float_values(make_project):
+    from napari_nucleae.core.model import LoadedModel, build_model
+
+    project = make_project(n=40, n_images=2, storage_dtype="uint8")  # read as stored, scaled later
+    config = ModelConfig("ae", 32, **SMALL)
+    model = LoadedModel(build_model(config).eval(), config, "fresh", torch.device("cpu"))
+    result = embed(project, model, batch_size=16)
+    crops = project.read_crops(slice(None))
+    np.testing.assert_allclose(read_latents(project, "fresh")[:], model.encode(crops), atol=1e-6)
+    direct = ((model.reconstruct(crops) - crops) ** 2).mean(axis=(1, 2))
+    np.testing.assert_allclose(result.mse, direct, rtol=1e-5, atol=1e-8)

@@ -175,3 +175,40 @@ def test_a_collapsed_model_is_flagged_and_a_working_one_is_not(make_project):
     fitted = load_model(result.last, "cpu").network
     assert collapse_note(fitted, crops, torch.device("cpu")) == ""
     assert collapse_note(fitted, crops[:1], torch.device("cpu")) == ""
+
+
+def test_compiled_steps_save_the_plain_network(make_project, monkeypatch):
+    """compile="on" trains through torch.compile (the eager backend here, for speed); the
+    checkpoint holds the network's own keys and loads."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(module):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    project = make_project(n=160, storage_dtype="uint8")  # batches reach the step as uint8
+    result = train(project, _config(), 1, compile="on")
+    assert len(compiled) == 1 and not any("torch.compile" in n for n in result.notes)
+    state = read_checkpoint(result.last)["state_dict"]
+    assert state.keys() == build_model(_config()).state_dict().keys()
+    assert load_model(result.last).encode(project.read_crops(slice(0, 2))).shape == (2, 16)
+
+
+def test_a_failing_compiler_falls_back_to_eager_steps(make_project, monkeypatch):
+    def broken(module):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    project = make_project(n=160)
+    result = train(project, _config(), 2, compile="on")
+    assert "torch.compile failed (RuntimeError): training without it" in result.notes
+    assert result.history["epoch"].tolist() == [1, 2]
+    on_cpu = train(project, _config(), 1, name="auto")  # compile="auto": eager on the CPU
+    assert not any("torch.compile" in note for note in on_cpu.notes)
+    with pytest.raises(InputError, match="compile"):
+        train(project, _config(), 1, name="x", compile="sometimes")

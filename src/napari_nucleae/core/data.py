@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,10 +21,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .distributed import SINGLE, Ranks
 from .errors import InputError
 from .store import Project
 
 BUFFER_CHUNKS = 8
+CUDA_WORKERS = 8  # loader processes per GPU: enough to decode chunks as fast as it trains
+COMPACT_DTYPES = ("uint8",)  # storage dtypes sent to the device as stored (see ChunkStream)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,13 +89,25 @@ def split_crops(table: pd.DataFrame, val_fraction: float, seed: int = 0) -> Spli
     return Split(np.flatnonzero(~is_val), np.flatnonzero(is_val), "crop", note)
 
 
+def shard(items: Sequence[T], rank: int, world: int, worker: int, workers: int) -> list[T]:
+    """The share of ``items`` that loader worker ``worker`` of process ``rank`` reads: every
+    ``world``-th item from ``rank`` on (DistributedSampler's split), then every ``workers``-th
+    of those. Over all ranks and workers the shares are disjoint and cover ``items``."""
+    return list(items[rank::world][worker::workers])
+
+
 class ChunkStream(IterableDataset):
     """Batches ``(B, 1, S, S)`` of selected crops, read one contiguous zarr chunk at a time.
 
     Chunks are visited in a seeded order that changes with ``epoch`` and shuffled within a
-    buffer of ``buffer_chunks`` chunks. Worker processes each take a fixed share of the chunks.
-    An epoch is one pass over the rows, or, with ``min_batches``, as many passes as it takes to
-    yield that many batches (small projects).
+    buffer of ``buffer_chunks`` chunks. Each training process (``ranks``) and each of its
+    loader worker processes reads a fixed :func:`shard` of the chunks. An epoch is one pass
+    over the rows, or, with ``min_batches``, as many passes as it takes to yield that many
+    batches (small projects). With ``even``, every shard yields as many batches as the
+    largest one (repeating some crops, as DistributedSampler pads), so that every DDP
+    process takes the same number of steps. With ``compact``, crops stored as uint8 stay
+    uint8 through the workers, pinned memory and the bus (a quarter of float32's bytes);
+    :func:`.model.to_batch` scales them on the device.
     """
 
     def __init__(
@@ -103,6 +119,9 @@ class ChunkStream(IterableDataset):
         shuffle: bool,
         seed: int = 0,
         buffer_chunks: int = BUFFER_CHUNKS,
+        ranks: Ranks = SINGLE,
+        even: bool = False,
+        compact: bool = False,
     ):
         self.project = Project(project.path, project.meta)  # no cached table to pickle
         self.batch_size = batch_size
@@ -110,38 +129,62 @@ class ChunkStream(IterableDataset):
         self.seed = seed
         self.epoch = 0
         self.min_batches = 0  # batches per epoch at least (repeating the rows; all workers)
+        self.ranks = ranks
+        self.even = even
+        self.stored = compact and project.meta.crop.storage_dtype in COMPACT_DTYPES
         chunk = int(project.crops.chunks[0])
         self.buffer_rows = max(batch_size, buffer_chunks * chunk)
         rows = np.asarray(rows, dtype=np.int64)
         edges = np.searchsorted(rows, np.arange(0, len(project) + chunk, chunk))
         self.blocks = [rows[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        if even and len(self.blocks) < ranks.world:
+            raise InputError(
+                f"{len(self.blocks)} chunks of crops cannot be shared by {ranks.world} training "
+                "processes: use fewer processes"
+            )
 
-    def _shards(self, n_workers: int) -> list[list[np.ndarray]]:
-        return [self.blocks[w::n_workers] for w in range(n_workers)]
+    def max_workers(self) -> int:
+        """Loader workers that each get at least one chunk on every process."""
+        return len(self.blocks) // self.ranks.world
+
+    def _shards(self, n_workers: int, rank: int) -> list[list[np.ndarray]]:
+        world = self.ranks.world
+        return [shard(self.blocks, rank, world, w, n_workers) for w in range(n_workers)]
 
     def n_batches(self, n_workers: int = 0) -> int:
-        """Batches per epoch (each worker ends each pass with one partial batch)."""
-        shards = self._shards(max(1, n_workers))
-        return sum(self._worker_batches(s, len(shards)) for s in shards)
+        """Batches per epoch of this process (each worker ends each pass with one partial
+        batch)."""
+        n_workers = max(1, n_workers)
+        shards = self._shards(n_workers, self.ranks.rank)
+        return sum(self._worker_batches(s, n_workers) for s in shards)
 
     def _worker_batches(self, shard: list[np.ndarray], n_workers: int) -> int:
         """Batches one worker yields per epoch."""
+        if not shard:
+            return 0
+        if self.even:
+            every = range(self.ranks.world)
+            largest = max(sum(map(len, s)) for r in every for s in self._shards(n_workers, r))
+            return max(
+                math.ceil(largest / self.batch_size), math.ceil(self.min_batches / n_workers)
+            )
         per_pass = math.ceil(sum(map(len, shard)) / self.batch_size)
-        return max(per_pass, math.ceil(self.min_batches / n_workers)) if per_pass else 0
+        return max(per_pass, math.ceil(self.min_batches / n_workers))
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         first = int(rows[0])
-        crops = self.project.read_crops(slice(first, int(rows[-1]) + 1))
+        crops = self.project.read_crops(slice(first, int(rows[-1]) + 1), stored=self.stored)
         return crops if len(crops) == len(rows) else crops[rows - first]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        shard = self._shards(n_workers)[worker]
-        wanted = self._worker_batches(shard, n_workers)
+        blocks = self._shards(n_workers, self.ranks.rank)[worker]
+        wanted = self._worker_batches(blocks, n_workers)
         passes = itertools.count()
+        index = self.ranks.rank * n_workers + worker  # the shard's place among all shards
         while wanted > 0:
-            for batch in itertools.islice(self._pass(shard, [worker, next(passes)]), wanted):
+            for batch in itertools.islice(self._pass(blocks, [index, next(passes)]), wanted):
                 wanted -= 1
                 yield batch
 
@@ -150,8 +193,8 @@ class ChunkStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, *key])
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        size = self.project.crop_size
-        carry = np.empty((0, size, size), np.float32)
+        size, dtype = self.project.crop_size, self.project.meta.crop.storage_dtype
+        carry = np.empty((0, size, size), dtype if self.stored else np.float32)
         group: list[np.ndarray] = []
         n_group = 0
         for i, crops in enumerate(read_ahead(self._read, blocks)):
@@ -168,6 +211,15 @@ class ChunkStream(IterableDataset):
             for start in range(0, stop, self.batch_size):
                 yield torch.from_numpy(data[start : start + self.batch_size])[:, None]
             carry = data[stop:]
+
+
+def default_workers(device: torch.device, ranks: Ranks = SINGLE) -> int:
+    """Loader worker processes per training process: on CUDA up to :data:`CUDA_WORKERS`
+    (sharing the CPUs among the processes), else none (the CPU is busy training)."""
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(CUDA_WORKERS, (cpus or 1) // ranks.world - 1))
 
 
 def loader(stream: ChunkStream, num_workers: int, device: torch.device) -> DataLoader:

@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 import zarr
 
-from .data import read_ahead
+from .data import COMPACT_DTYPES, read_ahead
 from .errors import NucleaeError, ProjectError
-from .model import CheckpointError, LoadedModel, load_model
+from .model import CheckpointError, LoadedModel, cudnn_autotune, load_model
 from .progress import Progress, ShouldStop
 from .staging import staged
 from .store import Project, missing_chunk
@@ -112,7 +112,7 @@ def embed(
     final = project.latents_path(loaded.name)
     mse = np.empty(n, np.float32)
     try:
-        with staged(final) as staging:
+        with staged(final) as staging, cudnn_autotune(loaded.device):
             out = zarr.open_array(
                 str(staging),
                 mode="w",
@@ -121,8 +121,12 @@ def embed(
                 dtype="float32",
                 config={"write_empty_chunks": True},  # every chunk on disk: a lost one is noticed
             )
+            stored = project.meta.crop.storage_dtype in COMPACT_DTYPES  # scaled on the device
             blocks = read_ahead(
-                lambda start: (start, project.read_crops(slice(start, start + rows))),
+                lambda start: (
+                    start,
+                    project.read_crops(slice(start, start + rows), stored=stored),
+                ),
                 range(0, n, rows),
             )
             for start, crops in blocks:

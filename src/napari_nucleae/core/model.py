@@ -10,6 +10,7 @@ read back with ``torch.load(weights_only=True)``: loading one never runs pickled
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from collections.abc import Callable
@@ -337,6 +338,17 @@ def select_device(preference: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def cudnn_autotune(device: torch.device) -> contextlib.AbstractContextManager:
+    """cuDNN picks the fastest convolution algorithms on CUDA (the crops' shape is fixed)."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=cudnn.enabled,
+        benchmark=cudnn.benchmark or device.type == "cuda",
+        deterministic=cudnn.deterministic,
+        allow_tf32=cudnn.allow_tf32,
+    )
+
+
 def uses_channels_last(network: nn.Module, device: torch.device) -> bool:
     """Convolutional networks on CUDA run in channels-last memory format."""
     return device.type == "cuda" and isinstance(network, Autoencoder)
@@ -345,10 +357,14 @@ def uses_channels_last(network: nn.Module, device: torch.device) -> bool:
 def to_batch(
     crops: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool
 ) -> torch.Tensor:
-    """``(B, S, S)`` numpy crops or ``(B, 1, S, S)`` tensors onto ``device`` as a float batch."""
+    """``(B, S, S)`` numpy crops or ``(B, 1, S, S)`` tensors onto ``device`` as a float batch
+    in [0, 1]; uint8 crops (as stored) are scaled there as :func:`.store.from_storage` does."""
     if isinstance(crops, np.ndarray):
-        crops = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))[:, None]
+        kept = crops.dtype if crops.dtype == np.uint8 else np.float32
+        crops = torch.from_numpy(np.ascontiguousarray(crops, dtype=kept))[:, None]
     batch = crops.to(device, non_blocking=True)
+    if not batch.is_floating_point():
+        batch = batch.float() / torch.iinfo(crops.dtype).max
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
 

@@ -408,27 +408,29 @@ class Project:
         self._committed_parts()
         return self._n_rows
 
-    def read_crops(self, index: slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Crops as float32 in [0, 1]; ``index`` is a slice or sorted-or-not integer indices
-        of committed rows. A missing or corrupted chunk file raises :class:`ProjectError`."""
+    def read_crops(
+        self, index: slice | Sequence[int] | np.ndarray, *, stored: bool = False
+    ) -> np.ndarray:
+        """Crops as float32 in [0, 1] (with ``stored``: as stored, e.g. uint8 not yet
+        scaled); ``index`` is a slice or sorted-or-not integer indices of committed rows. A
+        missing or corrupted chunk file raises :class:`ProjectError`."""
         n, arr = len(self), self.crops
+        decode = np.asarray if stored else from_storage
         if isinstance(index, slice):
             start, stop, step = index.indices(n)
             if step == 1:
                 rows = range(start, max(start, stop))
-                return from_storage(self._read(arr, rows, lambda: arr[rows.start : rows.stop]))
+                return decode(self._read(arr, rows, lambda: arr[rows.start : rows.stop]))
             index = np.arange(start, stop, step)
         idx = np.asarray(index, dtype=np.int64)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"crop index out of range: the project holds {n} crops")
         idx = np.where(idx < 0, idx + n, idx)
         order = np.argsort(idx, kind="stable")
-        out = np.empty((len(idx), *arr.shape[1:]), dtype=np.float32)
+        out = np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype if stored else np.float32)
         if len(idx):
             sel = idx[order]
-            out[order] = from_storage(
-                self._read(arr, sel, lambda: arr.get_orthogonal_selection((sel,)))
-            )
+            out[order] = decode(self._read(arr, sel, lambda: arr.get_orthogonal_selection((sel,))))
         return out
 
     def _read(

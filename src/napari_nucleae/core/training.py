@@ -1,5 +1,11 @@
 """Training: checkpoints each epoch, resume, cancel, collapse handling; the PCA baseline fitted
-in one streaming pass. The crops come from :mod:`.data`."""
+in one streaming pass. The crops come from :mod:`.data`.
+
+On CUDA the step is the fast path: loader worker processes decoding whole chunks into pinned
+memory, bf16 autocast, channels-last, cuDNN autotuning, fused Adam and ``torch.compile`` (with
+a fallback to eager mode when compiling fails). Under ``torchrun`` with ``distributed`` the
+network trains with DDP, each process on its own share of the chunks (:mod:`.distributed`).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.decomposition import PCA, IncrementalPCA
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import __version__
-from .data import ChunkStream, Split, loader, split_crops
+from .data import ChunkStream, Split, default_workers, loader, split_crops
+from .distributed import SINGLE, Ranks, process_group
 from .errors import InputError, NucleaeError
 from .explore import sample_rows
 from .model import (
@@ -33,6 +42,7 @@ from .model import (
     build_model,
     check_model_name,
     checkpoint_config,
+    cudnn_autotune,
     make_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -54,6 +64,7 @@ COLLAPSE_ACTIONS = ("restart", "stop", "warn")
 EPOCHS = 30
 VAL_FRACTION = 0.2  # share of the crops (whole source images) held out for validation
 MODEL_NAME = "default"
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the training step; auto: on CUDA
 EpochCallback = Callable[[int, float, float], None]
 
 
@@ -125,11 +136,9 @@ def augment(batch: torch.Tensor, jitter: float) -> torch.Tensor:
     n = len(batch)
     flip = torch.rand(n, device=batch.device) < 0.5
     out = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    turns = torch.randint(0, 4, (n,), device=batch.device)
-    for k in range(1, 4):
-        chosen = turns == k
-        if chosen.any():
-            out[chosen] = torch.rot90(out[chosen], k, dims=(-2, -1))
+    turns = torch.randint(0, 4, (n,), device=batch.device)[:, None, None, None]
+    for k in range(1, 4):  # whole-batch selections: no device-to-host wait on a GPU
+        out = torch.where(turns == k, torch.rot90(out, k, dims=(-2, -1)), out)
     if jitter > 0:
         scale = 1 + jitter * (2 * torch.rand(n, 1, 1, 1, device=batch.device) - 1)
         out = (out * scale).clamp(0.0, 1.0)
@@ -152,37 +161,48 @@ def lr_factor(total_steps: int, warmup: float, schedule: str) -> Callable[[int],
     return factor
 
 
+class _Objective(nn.Module):
+    """A network's training loss as a module's ``forward``, for DDP and ``torch.compile``."""
+
+    def __init__(self, network: Network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.network.loss(batch)[0]
+
+
 @dataclass
 class _Steps:
-    """One optimiser step's machinery: optimiser, schedule, precision and augmentation."""
+    """One optimiser step's machinery: the loss module (compiled, DDP-wrapped), optimiser,
+    schedule, precision and augmentation."""
 
+    objective: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     precision: _Precision
     jitter: float | None  # None: no augmentation
+    channels_last: bool
+    ranks: Ranks = SINGLE
 
 
 def _train_epoch(
-    network: Network,
-    batches: DataLoader,
-    steps: _Steps,
-    tick: Callable[[], None],
-    should_stop: ShouldStop,
+    batches: DataLoader, steps: _Steps, tick: Callable[[], None], should_stop: ShouldStop
 ) -> float | None:
-    """Mean training loss per crop, or None when stopped before the epoch ended."""
-    network.train()
+    """Mean training loss per crop (over all processes), or None when stopped before the
+    epoch ended."""
+    steps.objective.train()
     precision = steps.precision
-    channels_last = uses_channels_last(network, precision.device)
     total = torch.zeros((), device=precision.device)
     count = 0
     for crops in batches:
         if should_stop():
             return None
-        batch = to_batch(crops, precision.device, channels_last)
+        batch = to_batch(crops, precision.device, steps.channels_last)
         if steps.jitter is not None:
             batch = augment(batch, steps.jitter)
         with precision.autocast():
-            loss, _ = network.loss(batch)
+            loss = steps.objective(batch)
         steps.optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         precision.scaler.step(steps.optimizer)
@@ -191,13 +211,19 @@ def _train_epoch(
         total += loss.detach().float() * len(batch)
         count += len(batch)
         tick()
-    return float(total) / max(count, 1)
+    total, count = steps.ranks.total([float(total), count], precision.device)
+    return total / max(count, 1)
 
 
 def _evaluate(
-    network: Network, batches: DataLoader, precision: _Precision, should_stop: ShouldStop
+    network: Network,
+    batches: DataLoader,
+    precision: _Precision,
+    should_stop: ShouldStop,
+    ranks: Ranks = SINGLE,
 ) -> float | None:
-    """Mean loss per crop in eval mode (NaN without data), or None when stopped."""
+    """Mean loss per crop in eval mode over all processes (NaN without data), or None when
+    stopped."""
     network.eval()
     channels_last = uses_channels_last(network, precision.device)
     total = torch.zeros((), device=precision.device)
@@ -211,7 +237,8 @@ def _evaluate(
                 loss, _ = network.loss(batch)
             total += loss.float() * len(batch)
             count += len(batch)
-    return float(total) / count if count else float("nan")
+    total, count = ranks.total([float(total), count], precision.device)
+    return total / count if count else float("nan")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -309,8 +336,10 @@ def train(
     progress: Progress | None = None,
     on_epoch: EpochCallback | None = None,
     should_stop: ShouldStop | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     on_collapse: str = "restart",
+    compile: str = COMPILE_MODES[0],
+    distributed: bool = False,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) model ``name`` of ``project`` for ``epochs`` epochs.
 
@@ -322,36 +351,54 @@ def train(
     learning rate (``"restart"``), stopped (``"stop"``) or kept with a note (``"warn"``); one
     that still collapses, or whose loss stops being finite, raises :class:`TrainingError` and
     does not become the active model.
+
+    ``num_workers`` loader processes (None: :func:`.data.default_workers`) decode the chunks;
+    ``compile`` (``"auto"``: on CUDA) runs the training step through ``torch.compile``.
+    With ``distributed`` the call is one of the processes started by ``torchrun``: each
+    trains on its share of the chunks under DDP and rank 0 alone writes the model.
     """
     check_model_name(name)
-    if on_collapse not in COLLAPSE_ACTIONS:
-        raise InputError(f"on_collapse must be one of {COLLAPSE_ACTIONS}, got {on_collapse!r}")
+    for option, value, choices in (
+        ("on_collapse", on_collapse, COLLAPSE_ACTIONS),
+        ("compile", compile, COMPILE_MODES),
+    ):
+        if value not in choices:
+            raise InputError(f"{option} must be one of {choices}, got {value!r}")
     checkpoint: dict = {}
     if resume:
         config, checkpoint = _resume_state(project.model_dir(name), config)
     if config is None:
         raise InputError("a model configuration is needed unless resuming")
     _check_inputs(project, config, epochs)
+    if distributed and config.variant == "pca":
+        raise InputError("PCA is fitted in one pass on one process: train it without --distributed")
     dev = select_device(device)
-    split = split_crops(project.table(with_features=False), val_fraction, seed)
-    job = _Job(project, name, split, dev, seed, progress, should_stop or never_stop)
-    if split.note:
-        job.notes.warn(split.note)
-    if not resume:
-        _claim_name(project, name, overwrite)
-    if config.latent_dim == AUTO:
-        sample = project.read_crops(split.train[sample_rows(len(split.train), 2000, seed)])
-        config = config.with_latent_dim(auto_latent_dim(sample))
-        job.notes.append(f"latent size {config.latent_dim} chosen from the crops (auto)")
-    job.folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed + int(checkpoint.get("epoch", 0)))
-        if config.variant == "pca":
-            result = _fit_pca(job, config)
-        else:
-            plan = _Plan(epochs, checkpoint, on_epoch, num_workers, on_collapse)
-            result = _fit_network(job, config, plan)
-    if result.last is not None:
+    groups = process_group(dev) if distributed else contextlib.nullcontext(SINGLE)
+    with groups as ranks, cudnn_autotune(dev):
+        dev = ranks.device(dev)
+        split = split_crops(project.table(with_features=False), val_fraction, seed)
+        callbacks = (progress, on_epoch) if ranks.main else (None, None)
+        job = _Job(project, name, split, dev, seed, callbacks[0], should_stop or never_stop, ranks)
+        if split.note:
+            job.notes.warn(split.note)
+        if not resume and ranks.main:
+            _claim_name(project, name, overwrite)
+        if config.latent_dim == AUTO:
+            sample = project.read_crops(split.train[sample_rows(len(split.train), 2000, seed)])
+            config = config.with_latent_dim(auto_latent_dim(sample))
+            job.notes.append(f"latent size {config.latent_dim} chosen from the crops (auto)")
+        if ranks.main:
+            job.folder.mkdir(parents=True, exist_ok=True)
+        ranks.barrier()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed + int(checkpoint.get("epoch", 0)))
+            if config.variant == "pca":
+                result = _fit_pca(job, config)
+            else:
+                workers = default_workers(dev, ranks) if num_workers is None else num_workers
+                plan = _Plan(epochs, checkpoint, callbacks[1], workers, on_collapse, compile)
+                result = _fit_network(job, config, plan)
+    if result.last is not None and ranks.main:
         project.set_active_model(name)
     return result
 
@@ -367,6 +414,7 @@ class _Job:
     seed: int
     progress: Progress | None
     should_stop: ShouldStop
+    ranks: Ranks = SINGLE
     notes: Notes = field(default_factory=lambda: Notes())
 
     @property
@@ -400,6 +448,7 @@ class _Job:
         )
 
     def result(self, history: pd.DataFrame, stopped: bool) -> TrainResult:
+        self.ranks.barrier()  # rank 0 has written the model's files
         last, best = self.folder / "last.pt", self.folder / "best.pt"
         return TrainResult(
             name=self.name,
@@ -424,6 +473,7 @@ class _Plan:
     on_epoch: EpochCallback | None
     num_workers: int
     on_collapse: str
+    compile: str = COMPILE_MODES[0]
 
 
 def _crop_dict(project: Project) -> dict:
@@ -452,10 +502,13 @@ def output_spread(network: Network, crops: np.ndarray, device: torch.device) -> 
     return float(out.std(axis=0).mean()) / spread_in
 
 
-def collapse_note(network: torch.nn.Module, crops: np.ndarray, device: torch.device) -> str:
+def collapse_note(
+    network: torch.nn.Module, crops: np.ndarray, device: torch.device, ranks: Ranks = SINGLE
+) -> str:
     """A warning when the model gives nearly the same output for every crop (a collapsed
-    autoencoder: its latents then carry no information), else ''."""
-    ratio = output_spread(network, crops, device)
+    autoencoder: its latents then carry no information), else ''. Under DDP the spread is
+    averaged over the processes, so that all of them decide alike."""
+    ratio = ranks.mean([output_spread(network, crops, device)], device)[0]
     if ratio >= COLLAPSE_RATIO:
         return ""
     return (
@@ -491,20 +544,35 @@ class _Run:
     def __post_init__(self) -> None:
         config, job = self.config, self.job
         self.network = build_model(config).to(job.device)
-        if uses_channels_last(self.network, job.device):
+        self.channels_last = uses_channels_last(self.network, job.device)
+        if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
         self.train_stream = ChunkStream(
-            job.project, job.split.train, config.batch_size, shuffle=True, seed=self.seed
+            job.project,
+            job.split.train,
+            config.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            ranks=job.ranks,
+            even=job.ranks.distributed,
+            compact=True,
         )
         self.val_stream = ChunkStream(
-            job.project, job.split.val, 2 * config.batch_size, shuffle=False
+            job.project,
+            job.split.val,
+            2 * config.batch_size,
+            shuffle=False,
+            ranks=job.ranks,
+            compact=True,
         )
+        self.workers = min(self.plan.num_workers, self.train_stream.max_workers())
         self.history = _history_frame(self.plan.checkpoint.get("history"))
 
     def steps(self, epochs: int) -> _Steps:
         """Optimiser and schedule for ``epochs`` epochs (restored when resuming)."""
-        config, checkpoint = self.config, self.plan.checkpoint
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr)
+        config, checkpoint, device = self.config, self.plan.checkpoint, self.job.device
+        fused = device.type == "cuda"  # one kernel for the whole update
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=config.lr, fused=fused)
         if checkpoint:
             self.network.load_state_dict(checkpoint["state_dict"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -512,20 +580,57 @@ class _Run:
                 group["initial_lr"] = config.lr
         elif isinstance(self.network, Autoencoder) and len(self.probe):
             self.network.set_output_level(float(self.probe.mean()))
-        total = self.train_stream.n_batches(self.plan.num_workers) * epochs
+        total = self.train_stream.n_batches(self.workers) * epochs
         factor = lr_factor(total, config.warmup, config.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         jitter = config.jitter if config.augment else None
-        return _Steps(optimizer, scheduler, _Precision.for_device(self.job.device), jitter)
+        precision = _Precision.for_device(device)
+        objective = self._objective(precision)
+        ranks = self.job.ranks
+        return _Steps(objective, optimizer, scheduler, precision, jitter, self.channels_last, ranks)
+
+    def _objective(self, precision: _Precision) -> nn.Module:
+        """The loss module the steps run: DDP-wrapped under torchrun, compiled when asked
+        (``"auto"``: on CUDA) and a trial step through it works, else eager."""
+        job = self.job
+        objective: nn.Module = _Objective(self.network)
+        if job.ranks.distributed:
+            ids = [job.device.index] if job.device.type == "cuda" else None
+            objective = DistributedDataParallel(objective, device_ids=ids)
+        wanted = self.plan.compile == "on" or (
+            self.plan.compile == "auto" and job.device.type == "cuda"
+        )
+        if not wanted:
+            return objective
+        size = self.config.crop_size
+        trial = to_batch(
+            torch.full((self.config.batch_size, 1, size, size), 0.5), job.device, self.channels_last
+        )
+        saved = {k: v.clone() for k, v in self.network.state_dict().items()}
+        devices = [job.device] if job.device.type == "cuda" else []
+        try:
+            compiled = torch.compile(objective)
+            with torch.random.fork_rng(devices=devices):  # training draws the same numbers
+                with precision.autocast():
+                    loss = compiled(trial)
+                loss.backward()
+        except Exception as err:  # any compiler failure: the eager step is the same maths
+            self.notes.append(f"torch.compile failed ({type(err).__name__}): training without it")
+            return objective
+        finally:
+            self.network.load_state_dict(saved)  # the trial changed batch-norm statistics
+            self.network.zero_grad(set_to_none=True)
+        return compiled
 
     def fit(self) -> bool:
         """Train for up to the plan's epochs; True when stopped by ``should_stop``."""
         config, job, epochs = self.config, self.job, self.plan.epochs
         self._repeat_small(epochs)
         steps = self.steps(epochs)
-        train_loader = loader(self.train_stream, self.plan.num_workers, job.device)
-        val_loader = loader(self.val_stream, self.plan.num_workers, job.device)
-        per_epoch = self.train_stream.n_batches(self.plan.num_workers)
+        train_loader = loader(self.train_stream, self.workers, job.device)
+        val_workers = min(self.plan.num_workers, self.val_stream.max_workers())
+        val_loader = loader(self.val_stream, val_workers, job.device)
+        per_epoch = self.train_stream.n_batches(self.workers)
         first = int(self.plan.checkpoint.get("epoch", 0)) + 1
         final = first + epochs - 1
         scored = "val_loss" if len(job.split.val) else "train_loss"
@@ -544,10 +649,12 @@ class _Run:
             started = time.perf_counter()
             self.train_stream.epoch = epoch
             message = f"epoch {epoch}/{final}"
-            train_loss = _train_epoch(self.network, train_loader, steps, tick, job.should_stop)
+            train_loss = _train_epoch(train_loader, steps, tick, job.should_stop)
             val_loss = None
             if train_loss is not None:
-                val_loss = _evaluate(self.network, val_loader, steps.precision, job.should_stop)
+                val_loss = _evaluate(
+                    self.network, val_loader, steps.precision, job.should_stop, job.ranks
+                )
             if val_loss is None:
                 return True
             self._check(epoch, train_loss, val_loss, done, per_epoch * epochs)
@@ -561,7 +668,7 @@ class _Run:
                     f"{config.patience} epochs"
                 )
                 break
-        final_note = collapse_note(self.network, self.probe, job.device)
+        final_note = collapse_note(self.network, self.probe, job.device, job.ranks)
         if final_note and done < MIN_CHECK_STEPS:
             self.notes.warn(f"{final_note}; {done} optimiser steps are too few: train longer")
         elif final_note and self.plan.on_collapse == "warn":
@@ -574,7 +681,7 @@ class _Run:
         """Make each epoch long enough for the run to reach ``min_steps`` optimiser steps."""
         stream = self.train_stream
         stream.min_batches = 0
-        natural = stream.n_batches(self.plan.num_workers)
+        natural = stream.n_batches(self.workers)
         stream.min_batches = steps_per_epoch(natural, epochs, self.config.min_steps)
         if stream.min_batches > natural:
             passes = stream.min_batches / natural
@@ -595,13 +702,13 @@ class _Run:
             )
         late = done >= max(MIN_CHECK_STEPS, CHECK_AFTER * total)
         if self.plan.on_collapse != "warn" and late and self._due(epoch):
-            note = collapse_note(self.network, self.probe, self.job.device)
+            note = collapse_note(self.network, self.probe, self.job.device, self.job.ranks)
             if note:
                 raise _Collapsed(epoch, note)
 
     def _due(self, epoch: int) -> bool:
         """Collapse checks about every :data:`CHECK_EVERY` optimiser steps."""
-        per_epoch = max(1, self.train_stream.n_batches(self.plan.num_workers))
+        per_epoch = max(1, self.train_stream.n_batches(self.workers))
         return epoch % max(1, CHECK_EVERY // per_epoch) == 0
 
     def _save(
@@ -621,12 +728,12 @@ class _Run:
         }
         self.history = _history_frame({c: [*self.history[c], row[c]] for c in HISTORY_COLUMNS})
         job = self.job
-        state = job.checkpoint(
-            self.network, self.config, self.history, steps.optimizer.state_dict()
-        )
-        _write_outputs(
-            job.folder, state, self.history, improved=improved, info=job.info(self.config, epoch)
-        )
+        if job.ranks.main:
+            state = job.checkpoint(
+                self.network, self.config, self.history, steps.optimizer.state_dict()
+            )
+            info = job.info(self.config, epoch)
+            _write_outputs(job.folder, state, self.history, improved=improved, info=info)
         if self.plan.on_epoch is not None:
             self.plan.on_epoch(epoch, train_loss, val_loss)
 
