@@ -35,7 +35,7 @@ from .core.projection import CLUSTER_METHODS, PROJECTIONS
 from .core.report import ReportOptions, write_report
 from .core.represent import TOP_K
 from .core.segment import METHODS, SegmentParams
-from .core.store import NORMALIZATIONS, CropParams, Project
+from .core.store import BACKGROUNDS, NORMALIZATIONS, CropParams, Project
 from .core.training import COLLAPSE_ACTIONS, EPOCHS, MODEL_NAME, VAL_FRACTION, train
 
 
@@ -156,10 +156,17 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     crop = parser.add_argument_group("crops")
     crop.add_argument("--crop-size", type=int, default=CropParams.size, help="crop side in pixels")
     crop.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default=CropParams.background,
+        help="outside each nucleus: zeros, the nucleus's interior mean, or the image kept",
+    )
+    crop.add_argument(
         "--no-mask",
-        dest="mask",
-        action="store_false",
-        help="keep the background around each nucleus",
+        dest="background",
+        action="store_const",
+        const="keep",
+        help="the same as --background keep",
     )
     crop.add_argument(
         "--keep-border", action="store_true", help="also crop nuclei that touch the image border"
@@ -194,7 +201,7 @@ def ingest_params(args: argparse.Namespace) -> IngestParams:
         ),
         crop=CropParams(
             size=args.crop_size,
-            mask_background=args.mask,
+            background=args.background,
             skip_border=not args.keep_border,
             rescale_large=args.rescale,
             align=args.align,

@@ -298,13 +298,18 @@ def crop_plane(
 def _finish(
     windows: np.ndarray, window_labels: np.ndarray, ids: np.ndarray, params: CropParams
 ) -> np.ndarray:
-    """Per-crop normalisation, background masking and clipping to [0, 1], in place on
-    ``windows`` (a fresh copy made by the sampling)."""
+    """Per-crop normalisation, background fill and clipping to [0, 1], in place on
+    ``windows`` (a fresh copy made by the sampling). ``background="mean"`` fills outside the
+    nucleus with its interior mean (0 for a nucleus with no pixel in its window)."""
     masks = window_labels == ids[:, None, None]
     if params.normalize == "crop":
         windows = normalize_crops(windows, masks, params)
-    if params.mask_background:
+    if params.background == "zero":
         np.copyto(windows, 0.0, where=~masks)
+    elif params.background == "mean":
+        inside = masks.sum(axis=(1, 2))
+        means = np.where(masks, windows, 0).sum(axis=(1, 2)) / np.maximum(inside, 1)
+        np.copyto(windows, np.broadcast_to(means[:, None, None], windows.shape), where=~masks)
     return np.clip(windows, 0.0, 1.0, out=windows)
 
 

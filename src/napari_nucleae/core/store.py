@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 NORMALIZATIONS = ("image", "crop", "none")  # percentile normalisation per image, per crop
+# outside each nucleus: zeros, the nucleus's own interior mean, or the image as it is
+BACKGROUNDS = ("zero", "mean", "keep")
 CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer to finish
@@ -63,7 +65,7 @@ class CropParams:
     """How crops were made; fixed for the lifetime of a project."""
 
     size: int = 64
-    mask_background: bool = True
+    background: str = "zero"  # one of BACKGROUNDS
     skip_border: bool = True
     rescale_large: bool = True
     align: bool = False
@@ -74,6 +76,8 @@ class CropParams:
     def __post_init__(self) -> None:
         if not 8 <= self.size <= 1024:
             raise InputError(f"crop size must be between 8 and 1024 pixels, got {self.size}")
+        if self.background not in BACKGROUNDS:
+            raise InputError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -86,8 +90,13 @@ class CropParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> CropParams:
+        """Parameters from ``project.json``; projects written before ``background`` existed
+        stored ``mask_background`` (True: zeros, False: kept)."""
         data = dict(data)
         data["percentiles"] = tuple(data.get("percentiles", (1.0, 99.8)))
+        if "mask_background" in data:
+            masked = data.pop("mask_background")
+            data.setdefault("background", "zero" if masked else "keep")
         return cls(**data)
 
 
