@@ -14,6 +14,15 @@ import numpy as np
 import pandas as pd
 
 from .centers import CENTERS
+from .classify import (
+    ANNOTATION,
+    CLASS,
+    PROBABILITY,
+    Classification,
+    as_annotations,
+    classify,
+    read_annotations,
+)
 from .crop import PROVENANCE_COLUMNS, plane_percentiles
 from .embed import read_latents, resolve_model
 from .errors import InputError
@@ -194,6 +203,59 @@ def flag_outliers(
     flags = outlier_flags(table["mse"].to_numpy(), low_pct, high_pct)
     project.write_features(pd.DataFrame({column: flags}))
     return flags
+
+
+def annotations_of(project: Project) -> pd.Categorical:
+    """The user's annotations of every crop (missing: not annotated)."""
+    table = project.table()
+    if ANNOTATION not in table:
+        return as_annotations([None] * len(table))
+    return as_annotations(table[ANNOTATION].astype(object))
+
+
+def annotate(project: Project, crops: Sequence[int], name: str | None) -> pd.Categorical:
+    """Annotate ``crops`` as class ``name`` (None or empty: remove their annotation) and
+    store the annotations; returns them."""
+    values = np.asarray(annotations_of(project).astype(object))
+    index = np.asarray(crops, dtype=np.int64)
+    _check_index(project, *index.tolist())
+    values[index] = None if name is None or not str(name).strip() else str(name).strip()
+    annotations = as_annotations(values)
+    project.write_features(pd.DataFrame({ANNOTATION: annotations}))
+    return annotations
+
+
+def import_annotations(project: Project, path: str | Path) -> pd.Categorical:
+    """Add the annotations of a CSV file (see :func:`.classify.read_annotations`) to the
+    stored ones, the file's winning where both name a crop; returns them all."""
+    given = read_annotations(path, project.table())
+    values = np.asarray(annotations_of(project).astype(object))
+    named = ~pd.isna(given)
+    values[named] = np.asarray(given.astype(object))[named]
+    annotations = as_annotations(values)
+    project.write_features(pd.DataFrame({ANNOTATION: annotations}))
+    return annotations
+
+
+def classify_crops(
+    project: Project,
+    *,
+    model: str | None = None,
+    column: str = CLASS,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+) -> Classification:
+    """Predict every crop's class from the annotated ones (see :func:`.classify.classify`)
+    and store ``column`` and ``column + "_probability"``; annotated crops keep theirs."""
+    if column == ANNOTATION:
+        raise InputError(f"{ANNOTATION!r} holds your annotations; store classes in another column")
+    found = classify(
+        latents_of(project, model) if latents is None else latents, annotations_of(project), seed
+    )
+    project.write_features(
+        pd.DataFrame({column: found.classes, column + PROBABILITY: found.probability})
+    )
+    return found
 
 
 def group_column(project: Project, by: str | None) -> np.ndarray | None:
