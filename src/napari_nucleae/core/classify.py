@@ -2,9 +2,9 @@
 
 Annotations are the user's own labels and are stored apart from the predictions (the
 feature column :data:`ANNOTATION`), so a rerun of the classifier never loses them. The
-classifier (multinomial logistic regression on the latents as they are: standardising
-would give a latent's noisy, low-variance directions the weight of its main ones) learns from the annotated
-crops and predicts the others; annotated crops keep their annotation.
+classifier, a logistic regression on the latents as they are (standardising would give a
+latent's noisy, low-variance directions the weight of its main ones), learns from the
+annotated crops and predicts the others; annotated crops keep their annotation.
 """
 
 from __future__ import annotations
