@@ -300,7 +300,7 @@ def test_export_writes_crops_csv_and_montage(tmp_path, export_inputs):
     pngs = [p for p in files if p.suffix == ".png" and "_rank" in p.name]
     assert len(csv) == len(table) == len(tiffs) == len(pngs)
     assert len([p for p in files if p.name.startswith("theoretical_")]) == 2 * len(theoretical)
-    assert (out / "montage.png").exists()
+    assert (out / "montage.png").exists() and (out / "figure.png").exists()
     for column in ("image_id", "path", "label", "centroid_y", "score", "rank", "stability"):
         assert column in csv.columns
     assert (csv["label"] == csv["crop_index"] + 1).all()
@@ -322,7 +322,7 @@ def test_export_never_overwrites_silently(tmp_path, export_inputs):
         export_representatives(table, lambda i: crops[i], provenance, out)
     assert isinstance(info.value, FileExistsError) and isinstance(info.value, NucleaeError)
     files = export_representatives(table, lambda i: crops[i], provenance, out, overwrite=True)
-    assert len([p for p in files if p.suffix == ".png"]) == len(table) + 1  # + montage
+    assert len([p for p in files if p.suffix == ".png"]) == len(table) + 2  # + montage, figure
 
 
 def test_export_under_a_file_is_a_clear_error(tmp_path, export_inputs):

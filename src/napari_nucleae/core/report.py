@@ -292,7 +292,7 @@ def representative_section(run: _Run) -> Section:
     _representative_grid(run, "representatives.png", found.latent, "latent")
     if found.pixel is not None:
         _representative_grid(run, "representatives_pixel.png", found.pixel, "pixel")
-    analysis.export(run.project, found.latent, run.folder / "representatives")
+    analysis.export(run.project, found, run.folder / "representatives")
     return Section(
         "Representative nuclei (all crops)",
         "Each row is one centre of the latent space (mean, per-dimension median, geometric "
@@ -322,7 +322,7 @@ def cluster_section(run: _Run) -> Section:
     )
     run.per_cluster = found.latent
     _representative_grid(run, "representatives_per_cluster.png", found.latent, "latent")
-    analysis.export(run.project, found.latent, run.folder / "representatives_per_cluster")
+    analysis.export(run.project, found, run.folder / "representatives_per_cluster")
     return Section(
         "Representative nuclei per cluster",
         "One row per k-means cluster: its decoded geometric median, then its nearest real "

@@ -255,4 +255,4 @@ def _export(
     should_stop=None,
 ) -> list[Path]:
     """Worker body: write the chosen crops, montage and CSV (never silently overwriting)."""
-    return export(project, result.latent, folder, overwrite=overwrite)
+    return export(project, result, folder, overwrite=overwrite)
