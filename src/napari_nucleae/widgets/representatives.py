@@ -10,14 +10,14 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, SpinBox, Table
 from napari.utils.notifications import show_error, show_info
 
-from ..core.analysis import Representatives, export, find_representatives
+from ..core.analysis import POOLS, Representatives, export, find_representatives, pool_line
 from ..core.centers import CENTERS, DEFAULT_CENTER
 from ..core.crop import IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
 from ..core.explore import METRICS
-from ..core.represent import ALL, TOP_K
+from ..core.represent import ALL, PERCENTILE, TOP_K
 from ..core.store import Project
 from ._common import (
     Dock,
@@ -68,6 +68,7 @@ def find(
     k: int,
     by: str | None,
     stability: bool,
+    pool: str = POOLS[0],
     progress=None,
     should_stop=None,
 ) -> Found:
@@ -86,8 +87,21 @@ def find(
         stability=stability,
         pixel_baseline=False,
         should_stop=should_stop,
+        pool=pool,
     )
     return Found(result, project.read_crops(result.latent.table["crop_index"].to_numpy()))
+
+
+def typicality_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per pick: its group, rank, crop, typicality and measured percentiles, rounded."""
+    shown = ["group", "rank", "crop_index", "typicality", "typicality_vs_random"]
+    shown += [c for c in table.columns if c.endswith(PERCENTILE)]
+    rows = table[[c for c in shown if c in table]].copy()
+    rows.columns = [
+        c.removesuffix(PERCENTILE) + (" %" if c.endswith(PERCENTILE) else "") for c in rows
+    ]
+    rows["group"] = rows["group"].astype(str)
+    return rows.round(2)
 
 
 def practical_grid(table: pd.DataFrame, crops: np.ndarray, k: int) -> tuple[np.ndarray, list]:
@@ -121,12 +135,22 @@ class RepresentativesWidget(Dock):
         self.stability = CheckBox(
             value=False, text="stability", tooltip="bootstrap stability of the top k (slower)"
         )
+        self.pool = ComboBox(
+            choices=POOLS,
+            value=POOLS[0],
+            label="pick from",
+            tooltip="qc: leave out the MSE tails, border nuclei, blank crops and crops far "
+            "from their class (centres still use every crop); all: every crop",
+        )
         self.find_button = PushButton(text="Find representatives")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.export_folder = FileEdit(mode="d", label="export to")
         self.export_button = PushButton(text="Export", enabled=False)
         self.overwrite = CheckBox(value=False, text="overwrite files there")
         self.status = StatusLabel()
+        self.typicality = Table(
+            value=pd.DataFrame(), label="typicality", tooltip="per pick: percentiles in its group"
+        )
         self.extend(
             [
                 self.project,
@@ -134,6 +158,7 @@ class RepresentativesWidget(Dock):
                 self.metric,
                 self.scope,
                 self.k,
+                self.pool,
                 self.stability,
                 self.find_button,
                 self.cancel_button,
@@ -144,6 +169,7 @@ class RepresentativesWidget(Dock):
                 ),
                 self.overwrite,
                 self.status,
+                self.typicality,
             ]
         )
         compact(self.export_folder)
@@ -179,6 +205,7 @@ class RepresentativesWidget(Dock):
             k=self.k.value,
             by=None if self.scope.value == ALL else self.scope.value,
             stability=self.stability.value,
+            pool=self.pool.value,
             desc="Representatives",
             on_returned=lambda found: self.show(found, project),
             on_errored=self._failed,
@@ -209,9 +236,10 @@ class RepresentativesWidget(Dock):
         self.highlight.show(self.session.index, table["crop_index"].to_numpy(np.int64), colors)
         self.export_button.enabled = True
         scope = "all crops" if len(groups) == 1 else f"{len(groups)} groups of {self.scope.value}"
-        self.status.value = f"top {k} of {scope}" + (
+        self.status.value = f"top {k} of {scope}; {pool_line(found.result)}" + (
             f"; mean stability {table['stability'].mean():.2f}" if "stability" in table else ""
         )
+        self.typicality.value = typicality_rows(table)
         show_info(f"Representatives: {self.status.value}")
 
     def export(self) -> None:
