@@ -298,9 +298,12 @@ def representative_section(run: _Run) -> Section:
         "Each row is one centre of the latent space (mean, per-dimension median, geometric "
         "median) and one metric. First column: the centre decoded by the model, the "
         "'theoretical' nucleus; then the real crops nearest to it, the 'practical' "
-        "representatives, with their distance (Euclidean) or similarity (cosine). The second "
-        "figure is the pixel-space baseline (centres of the raw crops) for comparison. A "
-        "global centre of mixed classes can be meaningless: see the per-cluster section.",
+        "representatives, with their distance (Euclidean) or similarity (cosine), picked from "
+        "the quality-checked pool (no MSE tail, border or blank crop; the centres use every "
+        "crop); the CSV gives each pick's percentiles in area, intensity, shape and MSE. "
+        "The second figure is the pixel-space baseline (centres of the raw crops) for "
+        "comparison. A global centre of mixed classes can be meaningless: see the per-cluster "
+        "section, or annotate and classify the nuclei and pick per class.",
         "representatives.png",
         ["representatives_pixel.png", "representatives/representatives.csv"],
     )
