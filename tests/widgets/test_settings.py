@@ -44,7 +44,7 @@ def test_each_widget_keeps_its_own_parameters_and_skips_picks(make_napari_viewer
     segment.project.value = "/data/experiment-1"
     again = SegmentWidget(viewer)
     assert (again.crop_size.value, again.method.value) == (96, "classical")
-    assert again.background.value == "mean"
+    assert again.background.value == "mean" and again.params().crop.background == "mean"
     assert str(again.project.value) in ("", ".")  # folders are never remembered
 
 

@@ -27,6 +27,7 @@ from ._common import (
     compact,
     folder_of,
     montage,
+    never_widen,
     require_project,
     show_result,
 )
@@ -151,6 +152,7 @@ class RepresentativesWidget(Dock):
         self.typicality = Table(
             value=pd.DataFrame(), label="typicality", tooltip="per pick: percentiles in its group"
         )
+        never_widen(self.typicality.native)  # the table scrolls sideways instead
         self.extend(
             [
                 self.project,
