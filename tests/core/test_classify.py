@@ -110,3 +110,18 @@ def test_bad_annotation_files_are_one_clear_error(labelled, tmp_path, text, mess
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         import_annotations(project, path)
     assert ANNOTATION not in project.table()  # nothing stored
+
+
+def test_annotations_survive_new_crops_while_derived_columns_go(labelled):
+    project, kinds = labelled
+    annotate(project, [0, 1], "small")
+    assert "mse" in project.table()
+    crops = project.read_crops([0, 1])
+    rows = project.table(with_features=False).iloc[[0, 1]].drop(columns="crop_index")
+    project.append({"image_id": "more"}, crops, rows.assign(image_id="more"))
+    table = Project.open(project.path).table()
+    assert "mse" not in table  # stale: embed again
+    assert table[ANNOTATION].iloc[:2].tolist() == ["small", "small"]
+    assert table[ANNOTATION].iloc[2:].isna().all() and len(table) == len(kinds) + 2
+    annotate(project, [len(kinds)], "large")
+    assert annotations_of(project)[[0, len(kinds)]].tolist() == ["small", "large"]

@@ -19,7 +19,6 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from .errors import InputError
 
-ANNOTATION = "annotation"  # the feature column of the user's annotations
 CLASS = "class"  # the default column of the predicted classes
 PROBABILITY = "_probability"  # suffix of the column of each crop's class probability
 MIN_EXAMPLES = 2  # annotated crops a class needs for a classifier and its validation

@@ -57,6 +57,9 @@ CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer to finish
 FEATURES = "features.parquet"
+# feature columns the user made (not derived): kept when crops are appended, new crops missing
+ANNOTATION = "annotation"  # the user's class annotations (see core.classify)
+USER_COLUMNS = (ANNOTATION,)
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # as core.model.check_model_name
 
 
@@ -521,7 +524,8 @@ class Project:
         return [self._image_rows[name] for name in names]
 
     def features(self) -> pd.DataFrame:
-        """Derived per-crop columns (empty frame when none were written)."""
+        """Derived per-crop columns (empty frame when none were written). After an append
+        only the :data:`USER_COLUMNS` are kept (the new crops' values missing)."""
         path = self.path / "features.parquet"
         if not path.exists():
             return pd.DataFrame(index=pd.RangeIndex(0))
@@ -533,6 +537,9 @@ class Project:
             name = column["name"]  # pyarrow drops integer categoricals; restore them
             if column["pandas_type"] == "categorical" and features[name].dtype != "category":
                 features[name] = pd.Categorical(features[name])
+        if len(features) < len(self):  # crops appended since: derived columns are stale
+            kept = features[[c for c in USER_COLUMNS if c in features]]
+            features = kept.reindex(pd.RangeIndex(len(self)))
         return features
 
     # ------------------------------------------------------------------ writing
