@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from napari_nucleae.cli import main
-from napari_nucleae.core.classify import ANNOTATION
-from napari_nucleae.core.store import Project
+from napari_nucleae.core.store import ANNOTATION, Project
 
 NAMES = np.array(["small", "large", "speckled"])
 

@@ -12,9 +12,8 @@ from napari_nucleae.core.analysis import (
     classify_crops,
     import_annotations,
 )
-from napari_nucleae.core.classify import ANNOTATION
 from napari_nucleae.core.errors import InputError
-from napari_nucleae.core.store import Project
+from napari_nucleae.core.store import ANNOTATION, Project
 
 NAMES = np.array(["small", "large", "speckled"])
 

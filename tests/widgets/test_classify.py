@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from napari_nucleae.core.classify import ANNOTATION
-from napari_nucleae.core.store import Project
+from napari_nucleae.core.store import ANNOTATION, Project
 from napari_nucleae.widgets._nuclei import Picker
 from napari_nucleae.widgets.classify import ClassifyWidget
 from napari_nucleae.widgets.latent_explorer import LatentExplorerWidget

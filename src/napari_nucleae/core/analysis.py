@@ -17,7 +17,6 @@ import pandas as pd
 
 from .centers import CENTERS
 from .classify import (
-    ANNOTATION,
     CLASS,
     PROBABILITY,
     Classification,
@@ -56,7 +55,7 @@ from .represent import (
     spectrum,
     typicality,
 )
-from .store import Project
+from .store import ANNOTATION, Project
 
 
 @dataclass

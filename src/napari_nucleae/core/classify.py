@@ -1,7 +1,7 @@
 """User annotations and a classifier on the latents that predicts every crop's class.
 
 Annotations are the user's own labels and are stored apart from the predictions (the
-feature column :data:`ANNOTATION`), so a rerun of the classifier never loses them. The
+feature column :data:`.store.ANNOTATION`), so a rerun of the classifier never loses them. The
 classifier, a logistic regression on the latents as they are (standardising would give a
 latent's noisy, low-variance directions the weight of its main ones), learns from the
 annotated crops and predicts the others; annotated crops keep their annotation.
