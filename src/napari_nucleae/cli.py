@@ -758,8 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=QC_CHECKS,
         default=list(QC_CHECKS),
-        help=f"what the qc pool leaves out: the MSE tails ({OUTLIER_PCT:g} %% each), border "
-        f"nuclei, blank crops (pixel std below {LOW_CONTRAST:g}), and crops whose "
+        help=f"what the qc pool leaves out: the MSE tails ({OUTLIER_PCT:g} percent each), border "
+        f"nuclei, blank crops (pixel range below {LOW_CONTRAST:g}), and crops whose "
         f"<by>_probability is below {MIN_CLASS_PROBABILITY:g}",
     )
     p.add_argument(

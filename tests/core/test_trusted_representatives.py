@@ -15,6 +15,7 @@ from napari_nucleae.core import analysis
 from napari_nucleae.core.embed import embed
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.export import tiff_pixel_size
+from napari_nucleae.core.model import checkpoint_file
 from napari_nucleae.core.represent import TYPICALITY_MEASURES, typicality
 from napari_nucleae.core.store import Project
 
@@ -72,6 +73,7 @@ def test_the_qc_pool_never_returns_a_flagged_crop(classified):
     flagged[None][order[:n_tail]] = flagged[None][order[len(mse) - n_tail :]] = True
     flagged[None][-BLANK:] = True  # the blank crops
     far = table["class_probability"].to_numpy() < analysis.MIN_CLASS_PROBABILITY
+    assert far.any() and border.sum() == 9  # every check has crops to leave out
     flagged["class"] = flagged[None] | far
     for by in ("class", None):
         found = analysis.find_representatives(
@@ -148,7 +150,8 @@ def test_an_export_records_its_provenance_and_draws_a_figure(classified, tmp_pat
     out = tmp_path / "export"
     analysis.export(project, found, out, pixel_size=0.5, spectrum_table=spectrum)
     record = json.loads((out / "provenance.json").read_text())
-    checkpoint = project.model_dir(project.meta.active_model) / "last.pt"
+    checkpoint = checkpoint_file(project.model_dir(project.meta.active_model))  # best.pt
+    assert record["checkpoint"] == str(checkpoint)
     assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert record["pool"] == "qc" and record["group"] == "class" and record["seed"] == 0
     assert record["crop"]["size"] == 32 and record["normalisation"]["normalize"] == "image"

@@ -286,21 +286,22 @@ def group_column(project: Project, by: str | None) -> np.ndarray | None:
 
 POOLS = ("qc", "all")  # the crops representatives are picked from: quality-checked, or all
 QC_CHECKS = ("mse", "border", "contrast", "class")  # what the qc pool leaves out (see qc_flags)
-LOW_CONTRAST = 0.02  # a crop whose pixels' standard deviation is below this is blank
-MIN_CLASS_PROBABILITY = 0.5  # below this a crop lies far from its predicted class
-CONTRAST = "contrast"  # the feature column of each crop's pixel standard deviation
+LOW_CONTRAST = 0.05  # a crop whose pixels span less than this (of 0-1) is blank or nearly
+MIN_CLASS_PROBABILITY = 0.8  # below this a crop lies far from its predicted class
+CONTRAST = "contrast"  # the feature column of each crop's pixel range (max - min)
 CROP_BATCH = 4096  # crops read at a time for their contrast
 
 
 def crop_contrast(project: Project) -> np.ndarray:
-    """Each crop's pixel standard deviation (0 for a blank crop), computed once and stored
-    as the feature :data:`CONTRAST`."""
+    """Each crop's pixel range, max - min (0 for a blank crop), computed once and stored as
+    the feature :data:`CONTRAST`. The range, not the standard deviation: a background
+    filled with the nucleus's mean leaves a real but smooth nucleus little spread."""
     table = project.table()
     if CONTRAST in table:
         return table[CONTRAST].to_numpy(np.float64)
     contrast = np.empty(len(project))
     for start, crops in project.iter_crops(CROP_BATCH):
-        contrast[start : start + len(crops)] = crops.reshape(len(crops), -1).std(axis=1)
+        contrast[start : start + len(crops)] = np.ptp(crops.reshape(len(crops), -1), axis=1)
     project.write_features(pd.DataFrame({CONTRAST: contrast}))
     return contrast
 
@@ -311,7 +312,7 @@ def qc_flags(
     """One bool column per check of ``checks`` that applies, True where a crop fails it:
     ``mse`` in either reconstruction-MSE tail (:data:`OUTLIER_PCT` % each, by
     :func:`.explore.outlier_flags`), ``border`` touching the image border, ``contrast`` blank
-    or nearly (pixel standard deviation below :data:`LOW_CONTRAST`), ``class`` far from its
+    or nearly (pixel range below :data:`LOW_CONTRAST`), ``class`` far from its
     class (``<by>_probability`` below :data:`MIN_CLASS_PROBABILITY`, when ``by`` has one)."""
     unknown = set(checks) - set(QC_CHECKS)
     if unknown:
