@@ -95,10 +95,15 @@ def test_percentile_columns_agree_with_pandas_ranks_per_group(classified):
     project, _ = classified
     found = analysis.find_representatives(project, by="class", k=5, pixel_baseline=False)
     picks, table = found.latent.table, project.table()
+    everyone = analysis.find_representatives(project, k=5, pixel_baseline=False).latent.table
     for measure in TYPICALITY_MEASURES:
         expected = table.groupby("class", observed=True)[measure].rank(pct=True) * 100
         np.testing.assert_allclose(
             picks[f"{measure}_percentile"], expected.to_numpy()[picks["crop_index"]]
+        )
+        overall = table[measure].rank(pct=True).to_numpy() * 100  # scope: all crops
+        np.testing.assert_allclose(
+            everyone[f"{measure}_percentile"], overall[everyone["crop_index"]]
         )
     np.testing.assert_allclose(
         picks["typicality"],

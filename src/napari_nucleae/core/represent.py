@@ -353,8 +353,8 @@ def typicality(picks: pd.DataFrame, measures: pd.DataFrame, groups: Any = None) 
     out = picks.copy()
     if not present:
         return out
-    keys = pd.Series("all" if groups is None else pd.Series(groups, dtype=object).to_numpy())
-    keys = keys.astype(str).where(keys.notna(), None)
+    keys = pd.Series([ALL] * len(measures) if groups is None else groups, dtype=object)
+    keys = keys.astype(str).where(keys.notna(), None).reset_index(drop=True)
     values = measures[present].reset_index(drop=True).apply(pd.to_numeric, errors="coerce")
     percent = values.groupby(keys, dropna=False).rank(pct=True) * 100
     score = 1 - (percent - 50).abs().mean(axis=1, skipna=True) / 50
