@@ -4,8 +4,8 @@ click nuclei to annotate them, classify, then find representatives per class."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
+from napari_nucleae.core.analysis import MIN_CLASS_PROBABILITY, qc_flags
 from napari_nucleae.core.store import ANNOTATION, Project
 from napari_nucleae.widgets._nuclei import Picker
 from napari_nucleae.widgets.classify import ClassifyWidget
@@ -89,16 +89,25 @@ def test_annotate_by_lasso_and_click_classify_and_represent_by_class(
 
     represent.reset_choices()
     assert "class" in represent.scope.choices
-    represent.scope.value = "class"
-    represent.k.value = 2
+    represent.scope.value, represent.pool.value, represent.k.value = "class", "all", 2
     _run(qtbot, represent, represent.find_button)
     picks = represent.found.result.latent.table
     assert set(picks["group"]) == {"left", "right"}
     assert (table["class"].astype(str).to_numpy()[picks["crop_index"]] == picks["group"]).all()
     shown = represent.typicality.to_dataframe()
     assert len(shown) == len(picks) and "area %" in shown.columns and "typicality" in shown
-    assert "pool: qc" in represent.status.value
-    represent.pool.value = "all"
-    _run(qtbot, represent, represent.find_button)
     assert "pool: all crops" in represent.status.value
-    assert isinstance(shown, pd.DataFrame)
+
+    # the qc pool: never a crop far from its class (this tiny model is unsure of many)
+    represent.pool.value = "qc"
+    _run(qtbot, represent, represent.find_button)
+    assert "pool: qc" in represent.status.value
+    probability = table["class_probability"].to_numpy()
+    if represent.found is None:
+        assert represent.status.value.startswith("no crop to pick")
+        assert not represent.export_button.enabled
+        flags = qc_flags(Project.open(analysed.path), "class")
+        assert flags.any(axis=1).all()  # every crop fails a check
+    else:
+        picked = represent.found.result.latent.table["crop_index"]
+        assert (probability[picked] >= MIN_CLASS_PROBABILITY).all()

@@ -216,8 +216,17 @@ class RepresentativesWidget(Dock):
 
     def show(self, found: Found, project: Project) -> None:
         """Galleries of the theoretical and practical images; chosen nuclei highlighted."""
-        self.found = found
         table = found.result.latent.table
+        self.typicality.value = typicality_rows(table)
+        self.found = found if len(table) else None  # nothing to export
+        if not len(table):
+            self.export_button.enabled = False
+            self.status.value = (
+                f"no crop to pick: {pool_line(found.result)}; pick from all crops, or improve "
+                "the classes (more annotations) to keep more candidates"
+            )
+            show_error(self.status.value)
+            return
         k = int(table["rank"].max()) if len(table) else 1
         grid, groups = practical_grid(table, found.crops, k)
         center, metric = self.center.value, self.metric.value
@@ -241,7 +250,6 @@ class RepresentativesWidget(Dock):
         self.status.value = f"top {k} of {scope}; {pool_line(found.result)}" + (
             f"; mean stability {table['stability'].mean():.2f}" if "stability" in table else ""
         )
-        self.typicality.value = typicality_rows(table)
         show_info(f"Representatives: {self.status.value}")
 
     def export(self) -> None:
