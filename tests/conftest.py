@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -11,8 +12,12 @@ import pytest
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nucleae-numba"))
 
+from napari_nucleae.core.crop import crop_nuclei  # noqa: E402
+from napari_nucleae.core.embed import embed  # noqa: E402
+from napari_nucleae.core.model import ModelConfig  # noqa: E402
 from napari_nucleae.core.store import CropParams, Project  # noqa: E402
-from napari_nucleae.sample import synthetic_nuclei  # noqa: E402
+from napari_nucleae.core.training import train  # noqa: E402
+from napari_nucleae.sample import phenotype_nuclei, synthetic_nuclei  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +76,40 @@ def random_crop_project(path, n: int, n_images: int) -> Project:
 def random_project():
     """``random_project(path, n, n_images)``: see :func:`random_crop_project`."""
     return random_crop_project
+
+
+def phenotype_project(path, n_images: int = 6, size: int = 32) -> tuple[Project, np.ndarray]:
+    """Crops of synthetic nuclei of three phenotypes, cropped at their true labels, with their
+    measurements and an ``image_path`` per image; returns the project and each crop's kind."""
+    project = Project.create(path, CropParams(size=size))
+    kinds = []
+    for i in range(n_images):
+        image, labels, kind = phenotype_nuclei((256, 256), 24, seed=100 + i)
+        result = crop_nuclei(image, labels, project.meta.crop)
+        table = result.table.assign(image_id=f"img{i}", image_path=f"images/img{i}.tif")
+        project.append({"image_id": f"img{i}"}, result.crops, table)
+        kinds.append(kind[table["label"].to_numpy() - 1])
+    return project, np.concatenate(kinds)
+
+
+@pytest.fixture(scope="session")
+def phenotypes():
+    """``phenotypes(path, n_images=6, size=32)``: see :func:`phenotype_project`."""
+    return phenotype_project
+
+
+@pytest.fixture(scope="session")
+def labelled_template(tmp_path_factory) -> tuple[Project, np.ndarray]:
+    """A phenotype project of six images with a PCA model and its latents, built once."""
+    project, kinds = phenotype_project(tmp_path_factory.mktemp("labelled") / "project")
+    train(project, ModelConfig("pca", 32, latent_dim=8), 1, device="cpu")
+    embed(project, device="cpu")
+    return project, kinds
+
+
+@pytest.fixture
+def labelled(labelled_template, tmp_path) -> tuple[Project, np.ndarray]:
+    """A private copy of the labelled project (PCA latents) and each crop's true phenotype."""
+    project, kinds = labelled_template
+    shutil.copytree(project.path, tmp_path / "labelled")
+    return Project.open(tmp_path / "labelled"), kinds

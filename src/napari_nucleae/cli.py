@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
-from .core.analysis import MapSettings
+from .core.analysis import LOW_CONTRAST, MIN_CLASS_PROBABILITY, POOLS, QC_CHECKS, MapSettings
 from .core.centers import CENTERS, DEFAULT_CENTER
+from .core.classify import CLASS
 from .core.crop import crop_size_note
 from .core.data import CUDA_WORKERS
 from .core.distributed import torchrun_ranks
@@ -38,7 +40,7 @@ from .core.projection import CLUSTER_METHODS, PROJECTIONS
 from .core.report import ReportOptions, write_report
 from .core.represent import TOP_K
 from .core.segment import METHODS, SegmentParams
-from .core.store import NORMALIZATIONS, CropParams, Project
+from .core.store import BACKGROUNDS, NORMALIZATIONS, CropParams, Project
 from .core.training import (
     COLLAPSE_ACTIONS,
     COMPILE_MODES,
@@ -171,10 +173,17 @@ def add_ingest_options(parser: argparse.ArgumentParser) -> None:
     crop = parser.add_argument_group("crops")
     crop.add_argument("--crop-size", type=int, default=CropParams.size, help="crop side in pixels")
     crop.add_argument(
+        "--background",
+        choices=BACKGROUNDS,
+        default=CropParams.background,
+        help="outside each nucleus: zeros, the nucleus's interior mean, or the image kept",
+    )
+    crop.add_argument(
         "--no-mask",
-        dest="mask",
-        action="store_false",
-        help="keep the background around each nucleus",
+        dest="background",
+        action="store_const",
+        const="keep",
+        help="the same as --background keep",
     )
     crop.add_argument(
         "--keep-border", action="store_true", help="also crop nuclei that touch the image border"
@@ -209,7 +218,7 @@ def ingest_params(args: argparse.Namespace) -> IngestParams:
         ),
         crop=CropParams(
             size=args.crop_size,
-            mask_background=args.mask,
+            background=args.background,
             skip_border=not args.keep_border,
             rescale_large=args.rescale,
             align=args.align,
@@ -509,6 +518,7 @@ def cmd_represent(args: argparse.Namespace) -> int:
     from .core import analysis
 
     project = Project.open(args.project)
+    latents = analysis.latents_of(project, args.model)
     found = analysis.find_representatives(
         project,
         centers=args.center,
@@ -518,11 +528,54 @@ def cmd_represent(args: argparse.Namespace) -> int:
         model=args.model,
         stability=args.stability,
         pixel_baseline=False,
+        seed=args.seed,
+        latents=latents,
+        pool=args.pool,
+        checks=args.qc,
     )
+    print(analysis.pool_line(found))
     print(found.latent.table.to_string(index=False))
+    spectrum = None
+    if args.spectrum:
+        spectrum = analysis.find_spectrum(
+            project,
+            found,
+            args.spectrum,
+            center=args.center[0],
+            metric=args.metric[0],
+            latents=latents,
+        )
+        print(f"spectrum of {args.spectrum} crops per group, most to least typical:")
+        print(spectrum.to_string(index=False))
     if args.export:
-        files = analysis.export(project, found.latent, args.export, overwrite=args.overwrite)
+        files = analysis.export(
+            project,
+            found,
+            args.export,
+            overwrite=args.overwrite,
+            pixel_size=args.pixel_size,
+            spectrum_table=spectrum,
+        )
         print(f"exported {len(files)} files to {args.export}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .core import analysis
+
+    project = Project.open(args.project)
+    if args.annotations is not None:
+        annotations = analysis.import_annotations(project, args.annotations)
+        print(f"{int(annotations.notna().sum())} crops annotated")
+    found = analysis.classify_crops(project, model=args.model, column=args.column, seed=args.seed)
+    print("cross-validated accuracy per class (annotated crops):")
+    for name, accuracy in found.accuracy.items():
+        print(f"  {name}: {accuracy:.0%} of {found.counts[name]}")
+    counts = pd.Series(found.classes).value_counts().sort_index()
+    print(
+        f"{args.column} stored for {len(project)} crops: "
+        + ", ".join(f"{name} {n}" for name, n in counts.items())
+    )
     return 0
 
 
@@ -737,10 +790,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=positive_int, default=TOP_K, help="representatives per centre and metric"
     )
     p.add_argument("--stability", action="store_true", help="bootstrap stability of each choice")
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        default=POOLS[0],
+        help="pick from quality-checked crops (qc: see --qc) or from all; the centres are "
+        "computed from all crops of a group either way",
+    )
+    p.add_argument(
+        "--qc",
+        nargs="+",
+        choices=QC_CHECKS,
+        default=list(QC_CHECKS),
+        help=f"what the qc pool leaves out: the MSE tails ({OUTLIER_PCT:g} percent each), border "
+        f"nuclei, blank crops (pixel range below {LOW_CONTRAST:g}), and crops whose "
+        f"<by>_probability is below {MIN_CLASS_PROBABILITY:g}",
+    )
+    p.add_argument(
+        "--spectrum",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also N crops per group from most to least typical (exported to spectrum/)",
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=positive_float,
+        default=None,
+        help="µm per image pixel, for the figure's scale bar (default: the TIFF metadata)",
+    )
     p.add_argument("--export", type=Path, default=None, help="folder for TIFF/PNG + CSV")
     p.add_argument("--overwrite", action="store_true", help="replace files in --export")
     add_common_analysis(p)
     p.set_defaults(func=cmd_represent)
+
+    p = sub.add_parser(
+        "classify", help="predict every crop's class from annotated ones (logistic regression)"
+    )
+    p.add_argument("--project", type=Path, required=True)
+    p.add_argument(
+        "--annotations",
+        type=Path,
+        default=None,
+        help="CSV of crop_index,class or image_path,label,class rows, added to the project's "
+        "annotations (default: use the stored ones)",
+    )
+    p.add_argument("--column", default=CLASS, help="column for the predicted classes")
+    add_common_analysis(p)
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("interpolate", help="decode the latent path between two crops")
     p.add_argument("--project", type=Path, required=True)

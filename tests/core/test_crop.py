@@ -73,15 +73,29 @@ def test_unmasked_crops_keep_background_and_border_nuclei_can_be_kept():
     labels[30:40, 30:40] = 1
     labels[0:8, 60:70] = 2  # touches the border
     image = np.where(labels > 0, 0.8, 0.2).astype(np.float32)
-    skipped = crop_nuclei(
-        image, labels, CropParams(size=32, mask_background=False, normalize="none")
-    )
+    skipped = crop_nuclei(image, labels, CropParams(size=32, background="keep", normalize="none"))
     assert list(skipped.table["label"]) == [1]
     assert skipped.measurements["cropped"].tolist() == [True, False]
     assert (skipped.crops[0] > 0).mean() > 0.9  # background kept
     kept = crop_nuclei(image, labels, CropParams(size=32, skip_border=False))
     assert list(kept.table["label"]) == [1, 2]
     assert kept.crops[1][:8].sum() == 0  # outside the image reads as zero
+
+
+def test_mean_background_fills_outside_each_nucleus_with_its_interior_mean():
+    labels = np.zeros((80, 80), np.int32)
+    labels[30:40, 30:40] = 1
+    rng = np.random.default_rng(0)
+    image = np.where(labels > 0, rng.uniform(0.5, 0.9, labels.shape), 0.1).astype(np.float32)
+    params = CropParams(size=32, background="mean", normalize="none")
+    crop = crop_nuclei(image, labels, params).crops[0]
+    inside = crop_nuclei(image, labels, CropParams(size=32, background="keep", normalize="none"))
+    mask = crop_nuclei(labels.astype(np.float32), labels, CropParams(size=32, normalize="none"))
+    nucleus = mask.crops[0] > 0
+    np.testing.assert_array_equal(crop[nucleus], inside.crops[0][nucleus])
+    np.testing.assert_allclose(crop[~nucleus], image[labels > 0].mean(), rtol=1e-5)
+    with pytest.raises(InputError, match="background must be one of"):
+        CropParams(background="black")
 
 
 def test_large_nuclei_are_shrunk_to_fit_and_alignment_puts_major_axis_horizontal():

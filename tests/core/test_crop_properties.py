@@ -66,7 +66,7 @@ def test_unscaled_crops_are_the_windows_centerd_on_each_nucleus(labels, size, sk
     image = ((np.arange(labels.size) + 1) / (labels.size + 1)).reshape(labels.shape)
     params = CropParams(
         size=size,
-        mask_background=mask,
+        background="zero" if mask else "keep",
         skip_border=skip_border,
         rescale_large=False,
         normalize="none",
@@ -114,7 +114,7 @@ def test_crops_have_the_crop_size_and_values_in_unit_range(
         image = offset + scale * image
     params = CropParams(
         size=size,
-        mask_background=mask,
+        background="zero" if mask else "keep",
         skip_border=skip_border,
         rescale_large=rescale,
         align=align,

@@ -12,11 +12,10 @@ import torch
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from napari_nucleae.core.crop import crop_nuclei
 from napari_nucleae.core.embed import embed, read_latents
 from napari_nucleae.core.errors import InputError
 from napari_nucleae.core.model import ModelConfig, load_model
-from napari_nucleae.core.store import CropParams, Project
+from napari_nucleae.core.store import Project
 from napari_nucleae.core.training import (
     COLLAPSE_RATIO,
     MAX_RESTARTS,
@@ -27,7 +26,6 @@ from napari_nucleae.core.training import (
     output_spread,
     train,
 )
-from napari_nucleae.sample import phenotype_nuclei
 
 # a tiny network that the seed's plain recipe kills at this learning rate (dead ReLUs)
 COLLAPSING = {
@@ -42,25 +40,12 @@ COLLAPSING = {
 }
 
 
-def phenotype_project(path, n_images: int = 6, size: int = 32) -> tuple[Project, np.ndarray]:
-    """Crops of synthetic nuclei of three phenotypes, cropped at their true labels."""
-    project = Project.create(path, CropParams(size=size))
-    kinds = []
-    for i in range(n_images):
-        image, labels, kind = phenotype_nuclei((256, 256), 24, seed=100 + i)
-        result = crop_nuclei(image, labels, project.meta.crop)
-        table = result.table.assign(image_id=f"img{i}")
-        project.append({"image_id": f"img{i}"}, result.crops, table)
-        kinds.append(kind[table["label"].to_numpy() - 1])
-    return project, np.concatenate(kinds)
-
-
 def knn_accuracy(latents: np.ndarray, labels: np.ndarray) -> float:
     return float(cross_val_score(KNeighborsClassifier(10), latents, labels, cv=5).mean())
 
 
-def test_the_default_autoencoder_separates_phenotypes_as_well_as_pca(tmp_path):
-    project, kinds = phenotype_project(tmp_path / "p")
+def test_the_default_autoencoder_separates_phenotypes_as_well_as_pca(tmp_path, phenotypes):
+    project, kinds = phenotypes(tmp_path / "p")
     assert len(np.unique(kinds)) == 3
     scores = {}
     for variant in ("pca", "ae"):

@@ -300,7 +300,7 @@ def test_export_writes_crops_csv_and_montage(tmp_path, export_inputs):
     pngs = [p for p in files if p.suffix == ".png" and "_rank" in p.name]
     assert len(csv) == len(table) == len(tiffs) == len(pngs)
     assert len([p for p in files if p.name.startswith("theoretical_")]) == 2 * len(theoretical)
-    assert (out / "montage.png").exists()
+    assert (out / "montage.png").exists() and (out / "figure.png").exists()
     for column in ("image_id", "path", "label", "centroid_y", "score", "rank", "stability"):
         assert column in csv.columns
     assert (csv["label"] == csv["crop_index"] + 1).all()
@@ -322,7 +322,7 @@ def test_export_never_overwrites_silently(tmp_path, export_inputs):
         export_representatives(table, lambda i: crops[i], provenance, out)
     assert isinstance(info.value, FileExistsError) and isinstance(info.value, NucleaeError)
     files = export_representatives(table, lambda i: crops[i], provenance, out, overwrite=True)
-    assert len([p for p in files if p.suffix == ".png"]) == len(table) + 1  # + montage
+    assert len([p for p in files if p.suffix == ".png"]) == len(table) + 2  # + montage, figure
 
 
 def test_export_under_a_file_is_a_clear_error(tmp_path, export_inputs):
@@ -366,3 +366,24 @@ def test_safe_name():
     assert safe_name("..") == "group"
     assert safe_name("x" * 200) == "x" * 64
     assert safe_name(-1) == "-1"
+
+
+def test_candidates_limit_the_picks_but_not_the_centres():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    groups = np.repeat(["a", "b"], 30)
+    candidates = rng.random(60) > 0.5
+    candidates[:30] = False  # group a has none: its centre, but no picks
+    full = representatives(x, groups=groups, centers=["mean"], metrics=["euclidean"], k=4)
+    limited = representatives(
+        x, groups=groups, centers=["mean"], metrics=["euclidean"], k=4, candidates=candidates
+    )
+    for key, vector in full.centers.items():
+        np.testing.assert_array_equal(limited.centers[key], vector)
+    picks = limited.table["crop_index"].to_numpy()
+    assert set(limited.table["group"]) == {"b"} and candidates[picks].all()
+    members = np.flatnonzero(candidates)
+    distance = np.linalg.norm(x[members] - x[30:].mean(axis=0), axis=1)
+    np.testing.assert_array_equal(picks, members[np.argsort(distance)[:4]])
+    with pytest.raises(InputError, match="candidate flags"):
+        representatives(x, candidates=candidates[:10])

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,6 +34,18 @@ def test_append_and_reopen_round_trip(tmp_path):
     assert reopened.images()["image_id"].tolist() == ["a", "b"]
     assert reopened.has_image("b") and not reopened.has_image("c")
     assert reopened.meta.crop == CropParams(size=16)
+
+
+def test_projects_written_before_the_background_choice_still_open(tmp_path):
+    for masked, background in ((True, "zero"), (False, "keep")):
+        path = tmp_path / f"old{masked}"
+        project = Project.create(path, CropParams(size=16))
+        meta = json.loads((path / "project.json").read_text())
+        del meta["crop"]["background"]
+        meta["crop"]["mask_background"] = masked  # as written by earlier versions
+        (path / "project.json").write_text(json.dumps(meta))
+        assert Project.open(path).meta.crop == CropParams(size=16, background=background)
+        assert project.meta.crop.background == "zero"
 
 
 def test_storage_dtype_float32_is_exact(tmp_path):

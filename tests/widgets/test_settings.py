@@ -39,10 +39,12 @@ def test_each_widget_keeps_its_own_parameters_and_skips_picks(make_napari_viewer
     assert OutliersWidget(viewer).high.value == 5.0
     assert InterpolateSearchWidget(viewer).crop_a.value == 0
     segment = SegmentWidget(viewer)
-    segment.crop_size.value, segment.method.value, segment.mask.value = 96, "classical", False
+    segment.crop_size.value, segment.method.value = 96, "classical"
+    segment.background.value = "mean"
     segment.project.value = "/data/experiment-1"
     again = SegmentWidget(viewer)
-    assert (again.crop_size.value, again.method.value, again.mask.value) == (96, "classical", False)
+    assert (again.crop_size.value, again.method.value) == (96, "classical")
+    assert again.background.value == "mean" and again.params().crop.background == "mean"
     assert str(again.project.value) in ("", ".")  # folders are never remembered
 
 

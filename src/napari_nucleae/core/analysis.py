@@ -6,15 +6,25 @@ This is the one layer the CLI, the report and the dock widgets call, so they sta
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .centers import CENTERS
-from .crop import PROVENANCE_COLUMNS, plane_percentiles
+from .classify import (
+    CLASS,
+    PROBABILITY,
+    Classification,
+    as_annotations,
+    classify,
+    read_annotations,
+)
+from .crop import PROVENANCE_COLUMNS, crop_scales, plane_percentiles
 from .embed import read_latents, resolve_model
 from .errors import InputError
 from .explore import (
@@ -26,7 +36,7 @@ from .explore import (
     nearest,
     outlier_flags,
 )
-from .export import export_representatives
+from .export import export_representatives, tiff_pixel_size
 from .model import LoadedModel
 from .progress import Progress, ShouldStop
 from .projection import (
@@ -36,8 +46,16 @@ from .projection import (
     cluster_latents,
     project_latents,
 )
-from .represent import TOP_K, RepresentativeSet, pixel_representatives, representatives
-from .store import Project
+from .represent import (
+    ALL,
+    TOP_K,
+    RepresentativeSet,
+    pixel_representatives,
+    representatives,
+    spectrum,
+    typicality,
+)
+from .store import ANNOTATION, Project
 
 
 @dataclass
@@ -48,6 +66,11 @@ class Representatives:
     pixel: RepresentativeSet | None
     model: str
     by: str | None
+    pool: str = "all"  # one of POOLS
+    excluded: dict[str, int] = field(default_factory=dict)  # crops each qc check left out
+    candidates: np.ndarray | None = None  # the crops that could be picked (None: all)
+    checkpoint: Path | None = None
+    seed: int = 0
 
 
 def latents_of(project: Project, model: str | None = None) -> np.ndarray:
@@ -196,6 +219,59 @@ def flag_outliers(
     return flags
 
 
+def annotations_of(project: Project) -> pd.Categorical:
+    """The user's annotations of every crop (missing: not annotated)."""
+    table = project.table()
+    if ANNOTATION not in table:
+        return as_annotations([None] * len(table))
+    return as_annotations(table[ANNOTATION].astype(object))
+
+
+def annotate(project: Project, crops: Sequence[int], name: str | None) -> pd.Categorical:
+    """Annotate ``crops`` as class ``name`` (None or empty: remove their annotation) and
+    store the annotations; returns them."""
+    values = np.asarray(annotations_of(project).astype(object))
+    index = np.asarray(crops, dtype=np.int64)
+    _check_index(project, *index.tolist())
+    values[index] = None if name is None or not str(name).strip() else str(name).strip()
+    annotations = as_annotations(values)
+    project.write_features(pd.DataFrame({ANNOTATION: annotations}))
+    return annotations
+
+
+def import_annotations(project: Project, path: str | Path) -> pd.Categorical:
+    """Add the annotations of a CSV file (see :func:`.classify.read_annotations`) to the
+    stored ones, the file's winning where both name a crop; returns them all."""
+    given = read_annotations(path, project.table())
+    values = np.asarray(annotations_of(project).astype(object))
+    named = ~pd.isna(given)
+    values[named] = np.asarray(given.astype(object))[named]
+    annotations = as_annotations(values)
+    project.write_features(pd.DataFrame({ANNOTATION: annotations}))
+    return annotations
+
+
+def classify_crops(
+    project: Project,
+    *,
+    model: str | None = None,
+    column: str = CLASS,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+) -> Classification:
+    """Predict every crop's class from the annotated ones (see :func:`.classify.classify`)
+    and store ``column`` and ``column + "_probability"``; annotated crops keep theirs."""
+    if column == ANNOTATION:
+        raise InputError(f"{ANNOTATION!r} holds your annotations; store classes in another column")
+    found = classify(
+        latents_of(project, model) if latents is None else latents, annotations_of(project), seed
+    )
+    project.write_features(
+        pd.DataFrame({column: found.classes, column + PROBABILITY: found.probability})
+    )
+    return found
+
+
 def group_column(project: Project, by: str | None) -> np.ndarray | None:
     """The values of a grouping column (e.g. ``cluster`` or a user label), or None."""
     if by is None:
@@ -206,6 +282,53 @@ def group_column(project: Project, by: str | None) -> np.ndarray | None:
             f"no column {by!r} in the project table; available: {', '.join(table.columns)}"
         )
     return table[by].to_numpy()
+
+
+POOLS = ("qc", "all")  # the crops representatives are picked from: quality-checked, or all
+QC_CHECKS = ("mse", "border", "contrast", "class")  # what the qc pool leaves out (see qc_flags)
+LOW_CONTRAST = 0.05  # a crop whose pixels span less than this (of 0-1) is blank or nearly
+MIN_CLASS_PROBABILITY = 0.8  # below this a crop lies far from its predicted class
+CONTRAST = "contrast"  # the feature column of each crop's pixel range (max - min)
+CROP_BATCH = 4096  # crops read at a time for their contrast
+
+
+def crop_contrast(project: Project) -> np.ndarray:
+    """Each crop's pixel range, max - min (0 for a blank crop), computed once and stored as
+    the feature :data:`CONTRAST`. The range, not the standard deviation: a background
+    filled with the nucleus's mean leaves a real but smooth nucleus little spread."""
+    table = project.table()
+    if CONTRAST in table:
+        return table[CONTRAST].to_numpy(np.float64)
+    contrast = np.empty(len(project))
+    for start, crops in project.iter_crops(CROP_BATCH):
+        contrast[start : start + len(crops)] = np.ptp(crops.reshape(len(crops), -1), axis=1)
+    project.write_features(pd.DataFrame({CONTRAST: contrast}))
+    return contrast
+
+
+def qc_flags(
+    project: Project, by: str | None = None, checks: Sequence[str] = QC_CHECKS
+) -> pd.DataFrame:
+    """One bool column per check of ``checks`` that applies, True where a crop fails it:
+    ``mse`` in either reconstruction-MSE tail (:data:`OUTLIER_PCT` % each, by
+    :func:`.explore.outlier_flags`), ``border`` touching the image border, ``contrast`` blank
+    or nearly (pixel range below :data:`LOW_CONTRAST`), ``class`` far from its
+    class (``<by>_probability`` below :data:`MIN_CLASS_PROBABILITY`, when ``by`` has one)."""
+    unknown = set(checks) - set(QC_CHECKS)
+    if unknown:
+        raise InputError(f"quality checks must be among {QC_CHECKS}, got {sorted(unknown)}")
+    table = project.table()
+    flags = pd.DataFrame(index=pd.RangeIndex(len(table)))
+    if "mse" in checks and "mse" in table:
+        flags["mse"] = np.asarray(outlier_flags(table["mse"].to_numpy()) != "normal")
+    if "border" in checks and "touches_border" in table:
+        flags["border"] = table["touches_border"].fillna(False).to_numpy(bool)
+    if "contrast" in checks:
+        flags["contrast"] = crop_contrast(project) < LOW_CONTRAST
+    probability = f"{by}{PROBABILITY}"
+    if "class" in checks and by is not None and probability in table:
+        flags["class"] = table[probability].to_numpy(np.float64) < MIN_CLASS_PROBABILITY
+    return flags
 
 
 def find_representatives(
@@ -221,12 +344,22 @@ def find_representatives(
     seed: int = 0,
     should_stop: ShouldStop | None = None,
     latents: np.ndarray | None = None,
+    pool: str = POOLS[0],
+    checks: Sequence[str] = QC_CHECKS,
 ) -> Representatives:
     """Theoretical (decoded centres) and practical (nearest real crops) representatives,
     globally or per group of ``by``, plus the pixel-space baseline (``should_stop`` is
-    polled between scopes; ``latents``: the model's, when the caller has them already)."""
+    polled between scopes; ``latents``: the model's, when the caller has them already).
+
+    ``pool="qc"`` picks only crops that pass the ``checks`` of :func:`qc_flags`; the centres
+    are computed from every crop of the group all the same. Each pick gets its typicality
+    in measured units (see :func:`.represent.typicality`)."""
+    if pool not in POOLS:
+        raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
     loaded = resolve_model(project, model, None)
     groups = group_column(project, by)
+    flags = qc_flags(project, by, checks) if pool == "qc" else pd.DataFrame()
+    candidates = ~flags.any(axis=1).to_numpy() if len(flags.columns) else None
     latent = representatives(
         latents_of(project, loaded.name) if latents is None else latents,
         centers=centers,
@@ -237,7 +370,9 @@ def find_representatives(
         stability=stability,
         seed=seed,
         should_stop=should_stop,
+        candidates=candidates,
     )
+    latent.table = typicality(latent.table, project.table(), groups)
     pixel = None
     if pixel_baseline:
         pixel = pixel_representatives(
@@ -249,23 +384,154 @@ def find_representatives(
             groups=groups,
             seed=seed,
         )
-    return Representatives(latent, pixel, loaded.name, by)
+    excluded = {name: int(flags[name].sum()) for name in flags.columns}
+    return Representatives(
+        latent,
+        pixel,
+        loaded.name,
+        by,
+        pool=pool,
+        excluded=excluded,
+        candidates=candidates,
+        checkpoint=loaded.path,
+        seed=seed,
+    )
+
+
+def pool_line(found: Representatives) -> str:
+    """Which crops the representatives were picked from, in words."""
+    if found.pool == "all":
+        return "pool: all crops"
+    left_out = ", ".join(f"{name} {n}" for name, n in found.excluded.items()) or "none"
+    kept = "all" if found.candidates is None else int(found.candidates.sum())
+    return f"pool: qc, {kept} candidate crops (left out by check: {left_out})"
+
+
+def find_spectrum(
+    project: Project,
+    found: Representatives,
+    n: int,
+    *,
+    center: str = CENTERS[0],
+    metric: str = METRICS[0],
+    latents: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """``n`` crops per group from most to least typical (see :func:`.represent.spectrum`),
+    from the pool and groups of ``found``, with their typicality."""
+    groups = group_column(project, found.by)
+    table = spectrum(
+        latents_of(project, found.model) if latents is None else latents,
+        n,
+        center=center,
+        metric=metric,
+        groups=groups,
+        candidates=found.candidates,
+    )
+    return typicality(table, project.table(), groups)
+
+
+def provenance(project: Project, found: Representatives) -> dict:
+    """What an export records of how its crops were chosen (``provenance.json``)."""
+    table = found.latent.table
+    crop = asdict(project.meta.crop)
+    return {
+        "package": "napari-nucleae",
+        "version": package_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "project": str(project.path),
+        "model": found.model,
+        "checkpoint": None if found.checkpoint is None else str(found.checkpoint),
+        "checkpoint_sha256": None if found.checkpoint is None else sha256(found.checkpoint),
+        "crop": crop,
+        "normalisation": {"normalize": crop["normalize"], "percentiles": crop["percentiles"]},
+        "center": sorted(set(table["center"])) if len(table) else [],
+        "metric": sorted(set(table["metric"])) if len(table) else [],
+        "group": found.by or ALL,
+        "pool": found.pool,
+        "qc_checks": list(found.excluded) if found.pool == "qc" else [],
+        "left_out": found.excluded,
+        "seed": found.seed,
+    }
+
+
+def package_version() -> str:
+    """The installed napari-nucleae version ('unknown' when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("napari-nucleae")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def export(
-    project: Project, chosen: RepresentativeSet, out_dir: str | Path, *, overwrite: bool = False
+    project: Project,
+    chosen: Representatives,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    pixel_size: float | None = None,
+    spectrum_table: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Write the chosen crops (TIFF + PNG), a montage and a CSV with provenance."""
+    """Write the chosen crops (TIFF + PNG), a montage, a figure, a CSV with provenance and
+    typicality, and ``provenance.json``; with ``spectrum_table`` also ``spectrum/`` (the
+    same files for the spectrum). ``pixel_size`` (µm per image pixel; default: from the
+    source TIFFs' metadata when they agree) puts a scale bar on the figure."""
     table = project.table()
-    provenance = table[[c for c in PROVENANCE_COLUMNS if c in table]]
-    return export_representatives(
-        chosen.table,
+    columns = table[[c for c in PROVENANCE_COLUMNS if c in table]]
+    size, source = scale_of(project, chosen.latent.table, pixel_size)
+    record = provenance(project, chosen) | {"pixel_size_um": size, "pixel_size_from": source}
+    files = export_representatives(
+        chosen.latent.table.assign(pool=chosen.pool),
         project.read_crops,
-        provenance,
+        columns,
         out_dir,
         overwrite=overwrite,
-        theoretical=chosen.theoretical,
+        theoretical=chosen.latent.theoretical,
+        metadata=record,
+        pixel_size=size,
     )
+    if spectrum_table is not None:
+        files += export_representatives(
+            spectrum_table.assign(pool=chosen.pool),
+            project.read_crops,
+            columns,
+            Path(out_dir) / "spectrum",
+            overwrite=overwrite,
+            metadata=record | {"spectrum": int(spectrum_table["rank"].fillna(0).max())},
+            pixel_size=size,
+        )
+    return files
+
+
+def scale_of(
+    project: Project, picks: pd.DataFrame, pixel_size: float | None
+) -> tuple[float | None, str]:
+    """The pixel size (µm) of the picks' crops and where it came from: given, the source
+    TIFFs (when they all state the same), or none; none too when a pick was shrunk to fit
+    its crop (its scale differs)."""
+    table = project.table()
+    rows = table.iloc[picks["crop_index"].to_numpy(np.int64)] if len(picks) else table.iloc[:0]
+    if {"bbox_y0", "bbox_x1", "major_axis_length"} <= set(rows) and (
+        crop_scales(rows, project.meta.crop) > 1
+    ).any():
+        return None, "none: some picked nuclei were shrunk to fit their crop"
+    if pixel_size is not None:
+        return float(pixel_size), "given"
+    paths = set(rows["image_path"].astype(str)) if "image_path" in rows else set()
+    sizes = {tiff_pixel_size(path) for path in paths}
+    if len(sizes) == 1 and None not in sizes:
+        return sizes.pop(), "TIFF metadata"
+    return None, "none: the pixel size is not known (give --pixel-size)"
 
 
 def interpolate_crops(

@@ -252,6 +252,18 @@ def sample_rotated(
     return image.astype(np.float32), lab
 
 
+def crop_scales(measurements: pd.DataFrame, params: CropParams) -> np.ndarray:
+    """Image pixels per crop pixel of each nucleus: 1, or more for a nucleus shrunk to fit
+    (``rescale_large``: its extent spans :data:`FILL` of the crop)."""
+    if not params.rescale_large:
+        return np.ones(len(measurements))
+    if params.align:
+        extent = measurements["major_axis_length"].to_numpy(np.float64)
+    else:
+        extent = nucleus_extent(measurements)
+    return np.maximum(extent / (FILL * params.size), 1.0)
+
+
 def crop_plane(
     plane: np.ndarray, labels: np.ndarray, measurements: pd.DataFrame, params: CropParams
 ) -> np.ndarray:
@@ -265,16 +277,7 @@ def crop_plane(
     centers = measurements[["centroid_y", "centroid_x"]].to_numpy(np.float64)
     n = len(measurements)
     angles = measurements["orientation"].to_numpy(np.float64) if params.align else np.zeros(n)
-    scales = np.ones(n)
-    if params.rescale_large:
-        if params.align:
-            extent = measurements["major_axis_length"].to_numpy(np.float64)
-        else:
-            extent = np.maximum(
-                measurements["bbox_y1"] - measurements["bbox_y0"],
-                measurements["bbox_x1"] - measurements["bbox_x0"],
-            ).to_numpy(np.float64)
-        scales = np.maximum(extent / (FILL * size), 1.0)
+    scales = crop_scales(measurements, params)
     ids = measurements["label"].to_numpy()
     simple = np.flatnonzero((angles == 0) & (scales == 1))
     resampled = np.flatnonzero((angles != 0) | (scales != 1))
@@ -298,13 +301,18 @@ def crop_plane(
 def _finish(
     windows: np.ndarray, window_labels: np.ndarray, ids: np.ndarray, params: CropParams
 ) -> np.ndarray:
-    """Per-crop normalisation, background masking and clipping to [0, 1], in place on
-    ``windows`` (a fresh copy made by the sampling)."""
+    """Per-crop normalisation, background fill and clipping to [0, 1], in place on
+    ``windows`` (a fresh copy made by the sampling). ``background="mean"`` fills outside the
+    nucleus with its interior mean (0 for a nucleus with no pixel in its window)."""
     masks = window_labels == ids[:, None, None]
     if params.normalize == "crop":
         windows = normalize_crops(windows, masks, params)
-    if params.mask_background:
+    if params.background == "zero":
         np.copyto(windows, 0.0, where=~masks)
+    elif params.background == "mean":
+        inside = masks.sum(axis=(1, 2))
+        means = np.where(masks, windows, 0).sum(axis=(1, 2)) / np.maximum(inside, 1)
+        np.copyto(windows, np.broadcast_to(means[:, None, None], windows.shape), where=~masks)
     return np.clip(windows, 0.0, 1.0, out=windows)
 
 

@@ -3,6 +3,7 @@ the crops' provenance (spreadsheet-safe); written in a staging folder and moved 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -58,15 +59,20 @@ def export_representatives(
     overwrite: bool = False,
     theoretical: dict[tuple[Hashable, str], np.ndarray] | None = None,
     png_range: tuple[float, float] | None = (0.0, 1.0),
+    metadata: dict | None = None,
+    pixel_size: float | None = None,
 ) -> list[Path]:
-    """Write the chosen crops, a montage and ``representatives.csv``; return the paths.
+    """Write the chosen crops, a montage, a figure and ``representatives.csv``; return the
+    paths.
 
     Per table row: ``<group>_<center>_<metric>_rank<NN>_crop<index>.tif`` (float32) and
     ``.png`` (8-bit, ``png_range`` mapped to 0-255, or each image's own range when None).
     Decoded centres from ``theoretical`` become ``theoretical_<group>_<center>.*``. The CSV
     joins the table with ``provenance`` rows (on ``crop_index`` when it has that column,
     else by position) and names each row's files. ``montage.png`` has one row per
-    (group, center, metric), theoretical image first. Files are written to a hidden staging
+    (group, center, metric), theoretical image first; ``figure.png`` shows the crops alone,
+    one row per group, with a scale bar when ``pixel_size`` (µm per crop pixel) is given.
+    ``metadata`` is written as ``provenance.json``. Files are written to a hidden staging
     folder beside ``out_dir`` and moved in at the end. A non-empty ``out_dir`` raises
     :class:`ExportExistsError` unless ``overwrite`` (then same-named files are replaced and
     other files are left alone). A folder that cannot be written (a file in its path, no
@@ -112,6 +118,10 @@ def export_representatives(
                     _write_image(staging, stem, np.asarray(image), fmt, png_range)
             if len(table):
                 _montage(staging / "montage.png", table, images, theoretical, png_range)
+                _figure(staging / "figure.png", table, images, png_range, pixel_size)
+            if metadata is not None:
+                text = json.dumps(metadata, indent=2, default=str)
+                (staging / "provenance.json").write_text(text + "\n")
             csv = _with_provenance(table, provenance)
             for fmt in formats:
                 csv[f"{fmt}_file"] = files[fmt]
@@ -234,3 +244,74 @@ def _montage(
         left=1.5 / width, right=0.98, bottom=0.1 / height, top=1 - 0.3 / height, hspace=0.4
     )
     fig.savefig(path, dpi=min(100.0, 30_000 / height))  # stay within image size limits
+
+
+SCALE_BARS_UM = (1, 2, 5, 10, 20, 50, 100, 200, 500)  # scale-bar lengths offered
+
+
+def _figure(
+    path: Path,
+    table: pd.DataFrame,
+    images: np.ndarray,
+    png_range: tuple[float, float] | None,
+    pixel_size: float | None,
+) -> None:
+    """A figure-ready grid: one row per (group, center, metric), ranks left to right, the
+    group named on the left, and a scale bar on the first crop when ``pixel_size`` is known."""
+    from matplotlib.figure import Figure
+
+    keys = list(dict.fromkeys(zip(table["group"], table["center"], table["metric"], strict=True)))
+    n_cols = int(table["rank"].max())
+    vmin, vmax = png_range if png_range else (None, None)
+    fig = Figure(figsize=(n_cols + 1.0, len(keys)))
+    axes = fig.subplots(len(keys), n_cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for r, (group, method, metric) in enumerate(keys):
+        axes[r, 0].text(
+            -0.08, 0.5, str(group), ha="right", va="center", transform=axes[r, 0].transAxes
+        )
+        rows = np.flatnonzero(
+            (table["group"] == group) & (table["center"] == method) & (table["metric"] == metric)
+        )
+        for i in rows:
+            axes[r, int(table["rank"].iat[i]) - 1].imshow(
+                images[i], cmap="gray", vmin=vmin, vmax=vmax
+            )
+    if pixel_size:
+        size = images.shape[-1]
+        fitting = [b for b in SCALE_BARS_UM if b / pixel_size <= size * 0.6]
+        if fitting:
+            length = fitting[-1] / pixel_size
+            ax = axes[0, 0]
+            y = size * 0.9
+            ax.plot([size * 0.05, size * 0.05 + length], [y, y], color="white", linewidth=2)
+            ax.text(size * 0.05, y - size * 0.05, f"{fitting[-1]} µm", color="white", fontsize=6)
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=1.0 / width, right=0.99, bottom=0.02, top=0.98, wspace=0.05)
+    fig.savefig(path, dpi=min(300.0, 30_000 / height))
+
+
+def tiff_pixel_size(path: str | os.PathLike) -> float | None:
+    """The pixel size in µm a TIFF file states (its X resolution with a centimetre or inch
+    unit, or ImageJ's micron unit), or None when it states none or cannot be read."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tag = page.tags.get("XResolution")
+            unit = page.tags.get("ResolutionUnit")
+            imagej = tif.imagej_metadata or {}
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return None
+    if tag is None:
+        return None
+    numerator, denominator = tag.value
+    if not numerator or not denominator:
+        return None
+    per_unit = numerator / denominator  # pixels per unit
+    unit_um = {2: 25_400.0, 3: 10_000.0}.get(int(getattr(unit, "value", 1)))
+    if str(imagej.get("unit", "")).lower() in ("micron", "um", "µm", "\\u00b5m"):
+        unit_um = 1.0
+    return unit_um / per_unit if unit_um else None

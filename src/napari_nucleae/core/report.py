@@ -292,15 +292,18 @@ def representative_section(run: _Run) -> Section:
     _representative_grid(run, "representatives.png", found.latent, "latent")
     if found.pixel is not None:
         _representative_grid(run, "representatives_pixel.png", found.pixel, "pixel")
-    analysis.export(run.project, found.latent, run.folder / "representatives")
+    analysis.export(run.project, found, run.folder / "representatives")
     return Section(
         "Representative nuclei (all crops)",
         "Each row is one centre of the latent space (mean, per-dimension median, geometric "
         "median) and one metric. First column: the centre decoded by the model, the "
         "'theoretical' nucleus; then the real crops nearest to it, the 'practical' "
-        "representatives, with their distance (Euclidean) or similarity (cosine). The second "
-        "figure is the pixel-space baseline (centres of the raw crops) for comparison. A "
-        "global centre of mixed classes can be meaningless: see the per-cluster section.",
+        "representatives, with their distance (Euclidean) or similarity (cosine), picked from "
+        "the quality-checked pool (no MSE tail, border or blank crop; the centres use every "
+        "crop); the CSV gives each pick's percentiles in area, intensity, shape and MSE. "
+        "The second figure is the pixel-space baseline (centres of the raw crops) for "
+        "comparison. A global centre of mixed classes can be meaningless: see the per-cluster "
+        "section, or annotate and classify the nuclei and pick per class.",
         "representatives.png",
         ["representatives_pixel.png", "representatives/representatives.csv"],
     )
@@ -322,7 +325,7 @@ def cluster_section(run: _Run) -> Section:
     )
     run.per_cluster = found.latent
     _representative_grid(run, "representatives_per_cluster.png", found.latent, "latent")
-    analysis.export(run.project, found.latent, run.folder / "representatives_per_cluster")
+    analysis.export(run.project, found, run.folder / "representatives_per_cluster")
     return Section(
         "Representative nuclei per cluster",
         "One row per k-means cluster: its decoded geometric median, then its nearest real "

@@ -64,14 +64,17 @@ def representatives(
     n_boot: int = 50,
     seed: int = 0,
     should_stop: ShouldStop | None = None,
+    candidates: np.ndarray | None = None,
 ) -> RepresentativeSet:
     """Practical (nearest real crops) and theoretical (decoded centre) representatives.
 
     Without ``groups`` there is one scope, the group ``"all"``. With ``groups`` (one value
     per row) each group's centre and ranking use only that group's rows; None/NaN values and
-    ``noise_label`` are left out. ``stability=True`` adds the bootstrap top-k frequency
-    (see :func:`stability`) of every selected crop. ``should_stop()`` is polled before each
-    scope and ranking; when it returns True an :class:`InterruptedError` is raised.
+    ``noise_label`` are left out. ``candidates`` (one bool per row) limits the crops that may
+    be picked; the centres are still computed from the whole group. ``stability=True`` adds
+    the bootstrap top-k frequency (see :func:`stability`) of every selected crop.
+    ``should_stop()`` is polled before each scope and ranking; when it returns True an
+    :class:`InterruptedError` is raised.
     """
     return _select(
         as_rows(latents),
@@ -85,6 +88,7 @@ def representatives(
         n_boot,
         seed,
         should_stop=should_stop,
+        candidates=candidates,
     )
 
 
@@ -128,6 +132,7 @@ def _select(
     n_boot: int,
     seed: int,
     should_stop: ShouldStop | None = None,
+    candidates: np.ndarray | None = None,
 ) -> RepresentativeSet:
     for method in centers:
         if method not in CENTERS:
@@ -151,10 +156,11 @@ def _select(
             else None
         )
         _check_stop(should_stop)
+        excluded = _excluded(candidates, members, x.shape[0])
         # one pass over the scope per metric ranks every centre (and bootstrap centre)
-        ranked = {metric: nearest(scope, vectors, k, metric) for metric in metrics}
+        ranked = {metric: nearest(scope, vectors, k, metric, excluded) for metric in metrics}
         boot_top = {
-            metric: nearest(scope, boots, k, metric)[0].reshape(len(centers), n_boot, -1)
+            metric: nearest(scope, boots, k, metric, excluded)[0].reshape(len(centers), n_boot, -1)
             for metric in (metrics if boots is not None else ())
         }
         for i, method in enumerate(centers):
@@ -176,6 +182,58 @@ def _select(
     columns = TABLE_COLUMNS + (["stability"] if with_stability else [])
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     return RepresentativeSet(table, points, _decode_centers(points, decode))
+
+
+def _excluded(candidates: np.ndarray | None, members: np.ndarray | None, n: int) -> np.ndarray:
+    """The scope's rows (local positions) that are not candidates."""
+    if candidates is None:
+        return np.empty(0, dtype=np.int64)
+    candidates = np.asarray(candidates, dtype=bool)
+    if len(candidates) != n:
+        raise InputError(f"{len(candidates)} candidate flags for {n} crops")
+    return np.flatnonzero(~(candidates if members is None else candidates[members]))
+
+
+def spectrum(
+    latents: Any,
+    n: int,
+    *,
+    center: str = "mean",
+    metric: Metric = "euclidean",
+    groups: Any = None,
+    noise_label: Hashable | None = -1,
+    candidates: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Per group, ``n`` crops evenly spaced along the ranking by distance to the group's
+    centre, from the most typical (rank 1) to the least; the table has the columns of
+    :func:`representatives`' table. Groups with fewer candidates give them all."""
+    if n < 1:
+        raise InputError(f"a spectrum needs at least 1 crop, got {n}")
+    if center not in CENTERS:
+        raise InputError(f"centre must be one of {CENTERS}, got {center!r}")
+    x = as_rows(latents)
+    parts = []
+    for value, _, members in _scopes(groups, x.shape[0], noise_label):
+        scope = subset(x, members)
+        vector = compute_center(scope, center)
+        excluded = _excluded(candidates, members, x.shape[0])
+        order, scores = nearest(scope, vector, scope.shape[0], metric, excluded)
+        steps = np.unique(np.round(np.linspace(0, len(order) - 1, min(n, len(order)))))
+        steps = steps.astype(np.int64)
+        chosen = order[steps]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "group": pd.Series([value] * len(chosen), dtype=object),
+                    "center": center,
+                    "metric": metric,
+                    "rank": np.arange(1, len(chosen) + 1),
+                    "crop_index": chosen if members is None else members[chosen],
+                    "score": scores[steps],
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TABLE_COLUMNS)
 
 
 def _check_stop(should_stop: ShouldStop | None) -> None:
@@ -272,3 +330,38 @@ def _bootstrap_centers(
 def _frequency(top: np.ndarray, local: np.ndarray) -> np.ndarray:
     """Per row in ``local``, the fraction of rows of ``top`` (n_boot, k) that contain it."""
     return (top[:, :, None] == np.asarray(local)[None, None, :]).any(axis=1).mean(axis=0)
+
+
+# ---------------------------------------------------------------------------- typicality
+TYPICALITY_MEASURES = ("area", "mean_intensity", "eccentricity", "major_axis_length", "mse")
+PERCENTILE = "_percentile"  # suffix of a measure's percentile column
+
+
+def typicality(picks: pd.DataFrame, measures: pd.DataFrame, groups: Any = None) -> pd.DataFrame:
+    """``picks`` with, per pick, its percentile (0-100) within its group for each measure of
+    :data:`TYPICALITY_MEASURES` that ``measures`` has (one row per crop), a ``typicality``
+    score and ``typicality_vs_random``.
+
+    ``typicality`` is 1 minus twice the mean distance of the percentiles from 50 %: 1 for a
+    crop at its group's median in every measure, 0 at the extremes. ``typicality_vs_random``
+    is the share of the group's crops that are less typical (ties count half): 0.5 is what a
+    random pick of the group scores on average. The percentiles are pandas' ranks
+    (``rank(pct=True)``, ties averaged) within each group; the group is the whole set
+    without ``groups``.
+    """
+    present = [m for m in TYPICALITY_MEASURES if m in measures]
+    out = picks.copy()
+    if not present:
+        return out
+    keys = pd.Series([ALL] * len(measures) if groups is None else groups, dtype=object)
+    keys = keys.astype(str).where(keys.notna(), None).reset_index(drop=True)
+    values = measures[present].reset_index(drop=True).apply(pd.to_numeric, errors="coerce")
+    percent = values.groupby(keys, dropna=False).rank(pct=True) * 100
+    score = 1 - (percent - 50).abs().mean(axis=1, skipna=True) / 50
+    versus = score.groupby(keys, dropna=False).rank(pct=True) - 0.5 / keys.map(keys.value_counts())
+    index = out["crop_index"].to_numpy(np.int64)
+    for measure in present:
+        out[measure + PERCENTILE] = percent[measure].to_numpy()[index]
+    out["typicality"] = score.to_numpy()[index]
+    out["typicality_vs_random"] = versus.to_numpy()[index]
+    return out

@@ -53,10 +53,15 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 EVERY_TILE = "every_tile_stored"  # labels attribute: all-background tiles are on disk too
 NORMALIZATIONS = ("image", "crop", "none")  # percentile normalisation per image, per crop
+# outside each nucleus: zeros, the nucleus's own interior mean, or the image as it is
+BACKGROUNDS = ("zero", "mean", "keep")
 CHUNK_BYTES = 2 * 1024 * 1024
 STORAGE_DTYPES = ("uint8", "uint16", "float32")
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer to finish
 FEATURES = "features.parquet"
+# feature columns the user made (not derived): kept when crops are appended, new crops missing
+ANNOTATION = "annotation"  # the user's class annotations (see core.classify)
+USER_COLUMNS = (ANNOTATION,)
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # as core.model.check_model_name
 
 
@@ -65,7 +70,7 @@ class CropParams:
     """How crops were made; fixed for the lifetime of a project."""
 
     size: int = 64
-    mask_background: bool = True
+    background: str = "zero"  # one of BACKGROUNDS
     skip_border: bool = True
     rescale_large: bool = True
     align: bool = False
@@ -76,6 +81,8 @@ class CropParams:
     def __post_init__(self) -> None:
         if not 8 <= self.size <= 1024:
             raise InputError(f"crop size must be between 8 and 1024 pixels, got {self.size}")
+        if self.background not in BACKGROUNDS:
+            raise InputError(f"background must be one of {BACKGROUNDS}, got {self.background!r}")
         if self.normalize not in NORMALIZATIONS:
             raise InputError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -88,8 +95,13 @@ class CropParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> CropParams:
+        """Parameters from ``project.json``; projects written before ``background`` existed
+        stored ``mask_background`` (True: zeros, False: kept)."""
         data = dict(data)
         data["percentiles"] = tuple(data.get("percentiles", (1.0, 99.8)))
+        if "mask_background" in data:
+            masked = data.pop("mask_background")
+            data.setdefault("background", "zero" if masked else "keep")
         return cls(**data)
 
 
@@ -516,7 +528,8 @@ class Project:
         return [self._image_rows[name] for name in names]
 
     def features(self) -> pd.DataFrame:
-        """Derived per-crop columns (empty frame when none were written)."""
+        """Derived per-crop columns (empty frame when none were written). After an append
+        only the :data:`USER_COLUMNS` are kept (the new crops' values missing)."""
         path = self.path / "features.parquet"
         if not path.exists():
             return pd.DataFrame(index=pd.RangeIndex(0))
@@ -528,6 +541,9 @@ class Project:
             name = column["name"]  # pyarrow drops integer categoricals; restore them
             if column["pandas_type"] == "categorical" and features[name].dtype != "category":
                 features[name] = pd.Categorical(features[name])
+        if len(features) < len(self):  # crops appended since: derived columns are stale
+            kept = features[[c for c in USER_COLUMNS if c in features]]
+            features = kept.reindex(pd.RangeIndex(len(self)))
         return features
 
     # ------------------------------------------------------------------ writing

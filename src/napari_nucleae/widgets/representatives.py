@@ -10,14 +10,14 @@ import matplotlib
 import napari
 import numpy as np
 import pandas as pd
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton, SpinBox, Table
 from napari.utils.notifications import show_error, show_info
 
-from ..core.analysis import Representatives, export, find_representatives
+from ..core.analysis import POOLS, Representatives, export, find_representatives, pool_line
 from ..core.centers import CENTERS, DEFAULT_CENTER
 from ..core.crop import IDENTITY_COLUMNS, MEASUREMENT_COLUMNS
 from ..core.explore import METRICS
-from ..core.represent import ALL, TOP_K
+from ..core.represent import ALL, PERCENTILE, TOP_K
 from ..core.store import Project
 from ._common import (
     Dock,
@@ -27,6 +27,7 @@ from ._common import (
     compact,
     folder_of,
     montage,
+    never_widen,
     require_project,
     show_result,
 )
@@ -68,6 +69,7 @@ def find(
     k: int,
     by: str | None,
     stability: bool,
+    pool: str = POOLS[0],
     progress=None,
     should_stop=None,
 ) -> Found:
@@ -86,8 +88,21 @@ def find(
         stability=stability,
         pixel_baseline=False,
         should_stop=should_stop,
+        pool=pool,
     )
     return Found(result, project.read_crops(result.latent.table["crop_index"].to_numpy()))
+
+
+def typicality_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per pick: its group, rank, crop, typicality and measured percentiles, rounded."""
+    shown = ["group", "rank", "crop_index", "typicality", "typicality_vs_random"]
+    shown += [c for c in table.columns if c.endswith(PERCENTILE)]
+    rows = table[[c for c in shown if c in table]].copy()
+    rows.columns = [
+        c.removesuffix(PERCENTILE) + (" %" if c.endswith(PERCENTILE) else "") for c in rows
+    ]
+    rows["group"] = rows["group"].astype(str)
+    return rows.round(2)
 
 
 def practical_grid(table: pd.DataFrame, crops: np.ndarray, k: int) -> tuple[np.ndarray, list]:
@@ -121,12 +136,23 @@ class RepresentativesWidget(Dock):
         self.stability = CheckBox(
             value=False, text="stability", tooltip="bootstrap stability of the top k (slower)"
         )
+        self.pool = ComboBox(
+            choices=POOLS,
+            value=POOLS[0],
+            label="pick from",
+            tooltip="qc: leave out the MSE tails, border nuclei, blank crops and crops far "
+            "from their class (centres still use every crop); all: every crop",
+        )
         self.find_button = PushButton(text="Find representatives")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.export_folder = FileEdit(mode="d", label="export to")
         self.export_button = PushButton(text="Export", enabled=False)
         self.overwrite = CheckBox(value=False, text="overwrite files there")
         self.status = StatusLabel()
+        self.typicality = Table(
+            value=pd.DataFrame(), label="typicality", tooltip="per pick: percentiles in its group"
+        )
+        never_widen(self.typicality.native)  # the table scrolls sideways instead
         self.extend(
             [
                 self.project,
@@ -134,6 +160,7 @@ class RepresentativesWidget(Dock):
                 self.metric,
                 self.scope,
                 self.k,
+                self.pool,
                 self.stability,
                 self.find_button,
                 self.cancel_button,
@@ -144,6 +171,7 @@ class RepresentativesWidget(Dock):
                 ),
                 self.overwrite,
                 self.status,
+                self.typicality,
             ]
         )
         compact(self.export_folder)
@@ -179,6 +207,7 @@ class RepresentativesWidget(Dock):
             k=self.k.value,
             by=None if self.scope.value == ALL else self.scope.value,
             stability=self.stability.value,
+            pool=self.pool.value,
             desc="Representatives",
             on_returned=lambda found: self.show(found, project),
             on_errored=self._failed,
@@ -187,8 +216,17 @@ class RepresentativesWidget(Dock):
 
     def show(self, found: Found, project: Project) -> None:
         """Galleries of the theoretical and practical images; chosen nuclei highlighted."""
-        self.found = found
         table = found.result.latent.table
+        self.typicality.value = typicality_rows(table)
+        self.found = found if len(table) else None  # nothing to export
+        if not len(table):
+            self.export_button.enabled = False
+            self.status.value = (
+                f"no crop to pick: {pool_line(found.result)}; pick from all crops, or improve "
+                "the classes (more annotations) to keep more candidates"
+            )
+            show_error(self.status.value)
+            return
         k = int(table["rank"].max()) if len(table) else 1
         grid, groups = practical_grid(table, found.crops, k)
         center, metric = self.center.value, self.metric.value
@@ -209,7 +247,7 @@ class RepresentativesWidget(Dock):
         self.highlight.show(self.session.index, table["crop_index"].to_numpy(np.int64), colors)
         self.export_button.enabled = True
         scope = "all crops" if len(groups) == 1 else f"{len(groups)} groups of {self.scope.value}"
-        self.status.value = f"top {k} of {scope}" + (
+        self.status.value = f"top {k} of {scope}; {pool_line(found.result)}" + (
             f"; mean stability {table['stability'].mean():.2f}" if "stability" in table else ""
         )
         show_info(f"Representatives: {self.status.value}")
@@ -255,4 +293,4 @@ def _export(
     should_stop=None,
 ) -> list[Path]:
     """Worker body: write the chosen crops, montage and CSV (never silently overwriting)."""
-    return export(project, result.latent, folder, overwrite=overwrite)
+    return export(project, result, folder, overwrite=overwrite)

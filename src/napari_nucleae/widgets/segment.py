@@ -25,7 +25,7 @@ from ..core.crop import crop_size_note
 from ..core.errors import NoNucleiError, NucleaeError, WeightsUnavailableError
 from ..core.ingest import ImageResult, IngestParams, add_to_project, process_layer
 from ..core.segment import CELLPOSE_MODELS, METHODS, SegmentParams
-from ..core.store import NORMALIZATIONS, CropParams, Project
+from ..core.store import BACKGROUNDS, NORMALIZATIONS, CropParams, Project
 from ._common import Dock, StatusLabel, add_progress, compact, folder_of
 from ._jobs import user_message
 from ._session import Session, follow
@@ -147,7 +147,12 @@ class SegmentWidget(Dock):
         self.diameter = FloatSpinBox(value=0.0, min=0.0, max=1000.0, label="diameter (0: auto)")
         self.gpu = ComboBox(choices=list(GPU_CHOICES), value="auto", label="GPU")
         self.crop_size = SpinBox(value=CROP.size, min=16, max=512, step=8, label="crop size")
-        self.mask = CheckBox(value=CROP.mask_background, text="mask background")
+        self.background = ComboBox(
+            choices=BACKGROUNDS,
+            value=CROP.background,
+            label="background",
+            tooltip="outside each nucleus: zeros, the nucleus's interior mean, or the image kept",
+        )
         self.skip_border = CheckBox(
             value=CROP.skip_border,
             text="skip border nuclei",
@@ -182,7 +187,7 @@ class SegmentWidget(Dock):
                 self.gpu,
                 self.crop_size,
                 self.crop_hint,
-                self.mask,
+                self.background,
                 self.skip_border,
                 self.rescale,
                 self.align,
@@ -219,7 +224,7 @@ class SegmentWidget(Dock):
             ),
             crop=CropParams(
                 size=self.crop_size.value,
-                mask_background=self.mask.value,
+                background=self.background.value,
                 skip_border=self.skip_border.value,
                 rescale_large=self.rescale.value,
                 align=self.align.value,
