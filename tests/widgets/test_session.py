@@ -47,6 +47,26 @@ def test_a_project_chosen_in_one_widget_reaches_the_others(make_napari_viewer, a
     assert "image_id" in represent.scope.choices
 
 
+def test_docks_opened_the_way_napari_opens_them_share_one_session(
+    make_napari_viewer, qtbot, analysed, show_project
+):
+    """napari gives every plugin dock its own proxy of the viewer: a lasso in the Latent
+    explorer must still reach the Annotate & classify dock."""
+    viewer = make_napari_viewer()
+    show_project(viewer, analysed)
+    _, explorer = viewer.window.add_plugin_dock_widget("napari-nucleae", "Latent explorer")
+    _, classify = viewer.window.add_plugin_dock_widget("napari-nucleae", "Annotate & classify")
+    assert explorer.viewer is not classify.viewer  # two proxies of one viewer
+    assert explorer.session is classify.session is Session.of(viewer)
+    explorer.projection.value = "PCA"
+    explorer.compute_button.clicked.emit()
+    qtbot.waitUntil(lambda: not explorer.jobs.busy, timeout=TIMEOUT)
+    rows = np.arange(5)
+    explorer.plot.selected.emit(rows)  # what a lasso over five points emits
+    np.testing.assert_array_equal(classify.session.selection, rows)
+    assert classify.assign_button.text == f"Assign to the {len(rows):,} selected"
+
+
 def test_segment_opened_before_any_image_stores_its_settings(make_napari_viewer, synthetic):
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)

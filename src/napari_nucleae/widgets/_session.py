@@ -49,6 +49,7 @@ class Session:
     @classmethod
     def of(cls, viewer: napari.viewer.Viewer) -> Session:
         """The viewer's session, created on first use (and forgotten with the viewer)."""
+        viewer = unwrapped(viewer)
         key = id(viewer)
         if key not in _SESSIONS:
             _SESSIONS[key] = session = cls()
@@ -143,6 +144,14 @@ class Session:
     def select(self, rows: np.ndarray) -> None:
         self.selection = np.asarray(rows, dtype=np.int64)
         self.selection_changed.emit(self.selection)
+
+
+def unwrapped(viewer: napari.viewer.Viewer) -> napari.viewer.Viewer:
+    """The viewer itself: napari hands each plugin dock its own proxy of it (a
+    ``PublicOnlyProxy``), and the docks of one viewer must share one session."""
+    while hasattr(viewer, "__wrapped__"):
+        viewer = viewer.__wrapped__
+    return viewer
 
 
 def _sync_layers(viewer: napari.viewer.Viewer | None, session: Session) -> None:
