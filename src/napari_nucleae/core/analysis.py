@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import __version__
 from .centers import CENTERS
 from .classify import (
     CLASS,
@@ -234,9 +235,7 @@ def annotate(project: Project, crops: Sequence[int], name: str | None) -> pd.Cat
     index = np.asarray(crops, dtype=np.int64)
     _check_index(project, *index.tolist())
     values[index] = None if name is None or not str(name).strip() else str(name).strip()
-    annotations = as_annotations(values)
-    project.write_features(pd.DataFrame({ANNOTATION: annotations}))
-    return annotations
+    return _store_annotations(project, values)
 
 
 def import_annotations(project: Project, path: str | Path) -> pd.Categorical:
@@ -246,6 +245,11 @@ def import_annotations(project: Project, path: str | Path) -> pd.Categorical:
     values = np.asarray(annotations_of(project).astype(object))
     named = ~pd.isna(given)
     values[named] = np.asarray(given.astype(object))[named]
+    return _store_annotations(project, values)
+
+
+def _store_annotations(project: Project, values: np.ndarray) -> pd.Categorical:
+    """Store one annotation (or None) per crop as the :data:`.store.ANNOTATION` column."""
     annotations = as_annotations(values)
     project.write_features(pd.DataFrame({ANNOTATION: annotations}))
     return annotations
@@ -272,11 +276,10 @@ def classify_crops(
     return found
 
 
-def group_column(project: Project, by: str | None) -> np.ndarray | None:
+def group_column(table: pd.DataFrame, by: str | None) -> np.ndarray | None:
     """The values of a grouping column (e.g. ``cluster`` or a user label), or None."""
     if by is None:
         return None
-    table = project.table()
     if by not in table:
         raise InputError(
             f"no column {by!r} in the project table; available: {', '.join(table.columns)}"
@@ -292,11 +295,11 @@ CONTRAST = "contrast"  # the feature column of each crop's pixel range (max - mi
 CROP_BATCH = 4096  # crops read at a time for their contrast
 
 
-def crop_contrast(project: Project) -> np.ndarray:
+def crop_contrast(project: Project, table: pd.DataFrame) -> np.ndarray:
     """Each crop's pixel range, max - min (0 for a blank crop), computed once and stored as
-    the feature :data:`CONTRAST`. The range, not the standard deviation: a background
-    filled with the nucleus's mean leaves a real but smooth nucleus little spread."""
-    table = project.table()
+    the feature :data:`CONTRAST` (``table``: the project's table). The range, not the
+    standard deviation: a background filled with the nucleus's mean leaves a real but smooth
+    nucleus little spread."""
     if CONTRAST in table:
         return table[CONTRAST].to_numpy(np.float64)
     contrast = np.empty(len(project))
@@ -307,7 +310,11 @@ def crop_contrast(project: Project) -> np.ndarray:
 
 
 def qc_flags(
-    project: Project, by: str | None = None, checks: Sequence[str] = QC_CHECKS
+    project: Project,
+    by: str | None = None,
+    checks: Sequence[str] = QC_CHECKS,
+    *,
+    table: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One bool column per check of ``checks`` that applies, True where a crop fails it:
     ``mse`` in either reconstruction-MSE tail (:data:`OUTLIER_PCT` % each, by
@@ -317,14 +324,14 @@ def qc_flags(
     unknown = set(checks) - set(QC_CHECKS)
     if unknown:
         raise InputError(f"quality checks must be among {QC_CHECKS}, got {sorted(unknown)}")
-    table = project.table()
+    table = project.table() if table is None else table
     flags = pd.DataFrame(index=pd.RangeIndex(len(table)))
     if "mse" in checks and "mse" in table:
         flags["mse"] = np.asarray(outlier_flags(table["mse"].to_numpy()) != "normal")
     if "border" in checks and "touches_border" in table:
         flags["border"] = table["touches_border"].fillna(False).to_numpy(bool)
     if "contrast" in checks:
-        flags["contrast"] = crop_contrast(project) < LOW_CONTRAST
+        flags["contrast"] = crop_contrast(project, table) < LOW_CONTRAST
     probability = f"{by}{PROBABILITY}"
     if "class" in checks and by is not None and probability in table:
         flags["class"] = table[probability].to_numpy(np.float64) < MIN_CLASS_PROBABILITY
@@ -357,8 +364,9 @@ def find_representatives(
     if pool not in POOLS:
         raise InputError(f"pool must be one of {POOLS}, got {pool!r}")
     loaded = resolve_model(project, model, None)
-    groups = group_column(project, by)
-    flags = qc_flags(project, by, checks) if pool == "qc" else pd.DataFrame()
+    table = project.table()
+    groups = group_column(table, by)
+    flags = qc_flags(project, by, checks, table=table) if pool == "qc" else pd.DataFrame()
     candidates = ~flags.any(axis=1).to_numpy() if len(flags.columns) else None
     latent = representatives(
         latents_of(project, loaded.name) if latents is None else latents,
@@ -372,7 +380,7 @@ def find_representatives(
         should_stop=should_stop,
         candidates=candidates,
     )
-    latent.table = typicality(latent.table, project.table(), groups)
+    latent.table = typicality(latent.table, table, groups)
     pixel = None
     if pixel_baseline:
         pixel = pixel_representatives(
@@ -418,8 +426,9 @@ def find_spectrum(
 ) -> pd.DataFrame:
     """``n`` crops per group from most to least typical (see :func:`.represent.spectrum`),
     from the pool and groups of ``found``, with their typicality."""
-    groups = group_column(project, found.by)
-    table = spectrum(
+    table = project.table()
+    groups = group_column(table, found.by)
+    found_table = spectrum(
         latents_of(project, found.model) if latents is None else latents,
         n,
         center=center,
@@ -427,7 +436,7 @@ def find_spectrum(
         groups=groups,
         candidates=found.candidates,
     )
-    return typicality(table, project.table(), groups)
+    return typicality(found_table, table, groups)
 
 
 def provenance(project: Project, found: Representatives) -> dict:
@@ -436,7 +445,7 @@ def provenance(project: Project, found: Representatives) -> dict:
     crop = asdict(project.meta.crop)
     return {
         "package": "napari-nucleae",
-        "version": package_version(),
+        "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "project": str(project.path),
         "model": found.model,
@@ -454,23 +463,10 @@ def provenance(project: Project, found: Representatives) -> dict:
     }
 
 
-def package_version() -> str:
-    """The installed napari-nucleae version ('unknown' when not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("napari-nucleae")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """The SHA-256 of a file."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def export(
@@ -488,7 +484,7 @@ def export(
     source TIFFs' metadata when they agree) puts a scale bar on the figure."""
     table = project.table()
     columns = table[[c for c in PROVENANCE_COLUMNS if c in table]]
-    size, source = scale_of(project, chosen.latent.table, pixel_size)
+    size, source = scale_of(project, table, chosen.latent.table, pixel_size)
     record = provenance(project, chosen) | {"pixel_size_um": size, "pixel_size_from": source}
     files = export_representatives(
         chosen.latent.table.assign(pool=chosen.pool),
@@ -514,12 +510,11 @@ def export(
 
 
 def scale_of(
-    project: Project, picks: pd.DataFrame, pixel_size: float | None
+    project: Project, table: pd.DataFrame, picks: pd.DataFrame, pixel_size: float | None
 ) -> tuple[float | None, str]:
     """The pixel size (µm) of the picks' crops and where it came from: given, the source
     TIFFs (when they all state the same), or none; none too when a pick was shrunk to fit
-    its crop (its scale differs)."""
-    table = project.table()
+    its crop (its scale differs); ``table``: the project's table."""
     rows = table.iloc[picks["crop_index"].to_numpy(np.int64)] if len(picks) else table.iloc[:0]
     if {"bbox_y0", "bbox_x1", "major_axis_length"} <= set(rows) and (
         crop_scales(rows, project.meta.crop) > 1

@@ -46,11 +46,7 @@ class Ranks:
 
     def mean(self, values: list[float], device: torch.device) -> list[float]:
         """``values`` averaged over all processes (unchanged in a single process)."""
-        if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return (tensor / self.world).tolist()
+        return [v / self.world for v in self.total(values, device)]
 
     def total(self, values: list[float], device: torch.device) -> list[float]:
         """``values`` summed over all processes (unchanged in a single process)."""
